@@ -1,0 +1,129 @@
+"""The two layers that make a ResNetV2 into a BiT network.
+
+BiT replaces every BatchNorm with GroupNorm and standardizes every convolution
+kernel (Weight Standardization), so that normalisation never depends on the
+batch: the same network trains at batch 4096 upstream and batch 1 downstream.
+
+Reference:
+    Kolesnikov et al., "Big Transfer (BiT): General Visual Representation
+    Learning", https://arxiv.org/abs/1912.11370 (section 2.1 and 4.3).
+    Qiao et al., "Micro-Batch Training with Batch-Channel Normalization and
+    Weight Standardization", https://arxiv.org/abs/1903.10520.
+"""
+
+import keras
+from keras import ops
+
+# The authors' code adds this to the kernel variance (bit_tf2/models.py: `var + 1e-10`).
+WS_EPSILON = 1e-10
+# The authors' GroupNorm (bit_tf2/normalization.py) uses 32 groups and 1e-5, not Keras' 1e-3.
+GN_GROUPS = 32
+GN_EPSILON = 1e-5
+
+
+def standardize_kernel(kernel, epsilon=WS_EPSILON):
+    """Standardizes an HWIO kernel per output channel, in float32.
+
+    Each output filter gets zero mean and unit (biased) variance over its
+    height, width and input-channel axes: `(k - mean) / sqrt(var + epsilon)`.
+
+    Args:
+        kernel: tensor of shape `(h, w, in_channels, out_channels)`.
+        epsilon: float added to the variance, `1e-10` as in BiT.
+
+    Returns:
+        A float32 tensor of the kernel's shape (float64 for a float64 kernel).
+
+    Example:
+        >>> k = standardize_kernel(np.random.rand(3, 3, 8, 16))
+        >>> ops.mean(k, axis=(0, 1, 2)).shape
+        (16,)
+    """
+    # At least float32 (float64 kernels stay float64, as in Keras' GroupNormalization).
+    kernel = ops.cast(kernel, keras.backend.result_type(kernel.dtype, "float32"))
+    mean, var = ops.moments(kernel, axes=(0, 1, 2), keepdims=True)
+    # Divide by the square root rather than multiply by rsqrt, as the authors do:
+    # parity with the published checkpoints is to the last bit where possible.
+    return (kernel - mean) / ops.sqrt(var + epsilon)
+
+
+@keras.saving.register_keras_serializable(package="keras_bit")
+class StandardizedConv2D(keras.layers.Conv2D):
+    """2D convolution with a weight-standardized kernel (BiT's convolution).
+
+    Before every convolution the kernel is standardized per output channel
+    (mean and biased variance over the HWI axes, `epsilon=1e-10`). The
+    standardization runs in float32 even under a mixed-precision policy; only
+    the standardized kernel is cast to the compute dtype. The kernel variable
+    itself stays as trained, so checkpoints hold the raw kernels as in BiT.
+
+    Args:
+        filters: int, number of output channels.
+        kernel_size: int or tuple of 2 ints.
+        epsilon: float added to the kernel variance. Defaults to `1e-10`.
+        use_bias: bool. BiT's convolutions have none. Defaults to `False`.
+        **kwargs: any other `keras.layers.Conv2D` argument (`strides`,
+            `padding`, `kernel_initializer`, `name`, `dtype`, ...).
+
+    Reference:
+        Qiao et al., https://arxiv.org/abs/1903.10520; BiT, arXiv 1912.11370.
+
+    Example:
+        >>> conv = StandardizedConv2D(64, 3, name="conv")
+        >>> conv(np.zeros((1, 8, 8, 3))).shape
+        (1, 6, 6, 64)
+    """
+
+    def __init__(self, filters, kernel_size, epsilon=WS_EPSILON, use_bias=False, **kwargs):
+        super().__init__(filters, kernel_size, use_bias=use_bias, **kwargs)
+        if not isinstance(epsilon, (int, float)) or epsilon < 0:
+            raise ValueError(
+                f"`epsilon` must be a non-negative float. Received: epsilon={epsilon!r}"
+            )
+        self.epsilon = float(epsilon)
+
+    def add_weight(self, *args, **kwargs):
+        # The raw float32 kernel must reach `convolution_op`: autocasting it to a
+        # float16 compute dtype first would lose the precision the moments need.
+        kwargs["autocast"] = False
+        return super().add_weight(*args, **kwargs)
+
+    def convolution_op(self, inputs, kernel):
+        kernel = ops.cast(standardize_kernel(kernel, self.epsilon), inputs.dtype)
+        return super().convolution_op(inputs, kernel)
+
+    def call(self, inputs):
+        # With autocast off, a float32 bias would promote the output; keep the policy's dtype.
+        return ops.cast(super().call(inputs), self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config["epsilon"] = self.epsilon
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_bit")
+class GroupNormalization(keras.layers.GroupNormalization):
+    """Keras' GroupNormalization with BiT's defaults: 32 groups, epsilon 1e-5.
+
+    Keras' own layer is used unchanged underneath: it computes the group
+    statistics in float32 for any input dtype with a two-pass variance
+    (`tf.nn.moments`), so constant inputs give zeros, never NaN, and float16 or
+    bfloat16 activations are normalised at full precision.
+
+    Args:
+        groups: int, number of channel groups. Defaults to 32.
+        epsilon: float added to the group variance. Defaults to `1e-5`.
+        **kwargs: any other `keras.layers.GroupNormalization` argument.
+
+    Reference:
+        Wu & He, "Group Normalization", https://arxiv.org/abs/1803.08494.
+
+    Example:
+        >>> gn = GroupNormalization(name="gn")
+        >>> gn(np.random.rand(2, 4, 4, 64)).shape
+        (2, 4, 4, 64)
+    """
+
+    def __init__(self, groups=GN_GROUPS, epsilon=GN_EPSILON, **kwargs):
+        super().__init__(groups=groups, epsilon=epsilon, **kwargs)

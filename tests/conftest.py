@@ -1,0 +1,36 @@
+"""Shared fixtures. The Keras cache is redirected to a temporary folder before Keras is
+imported, so no test reads or writes ~/.keras and none can use a file a developer
+downloaded by hand."""
+
+import os
+import tempfile
+
+os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="keras_bit_tests_keras_home_")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.pop("KERAS_BIT_BASE_URL", None)
+
+import gc  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    """Each test starts with float32 and an empty Keras session, and frees its models."""
+    keras.config.set_dtype_policy("float32")
+    yield
+    keras.config.set_dtype_policy("float32")
+    keras.backend.clear_session()
+    gc.collect()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def keras_home():
+    return os.environ["KERAS_HOME"]
