@@ -57,8 +57,13 @@ def checkpoint_scope(layer_name):
     return f"resnet/{path.replace('_', '/')}/{_LEAF_SCOPES[leaf]}"
 
 
-def check_weights_path(weights, known_names):
+def check_weights_path(weights, known_names=None):
     """Validates a `weights=` path; returns it as a string.
+
+    Args:
+        weights: the path (str or path-like).
+        known_names: text listing the valid weights names, for the error
+            raised when `weights` is neither a file nor a known name.
 
     Raises:
         ValueError: unknown name, missing file or unsupported suffix.
@@ -68,7 +73,7 @@ def check_weights_path(weights, known_names):
         path = os.fsdecode(path)
     is_file_like = path.endswith((NPZ_SUFFIX, KERAS_SUFFIX)) or os.sep in path
     if not os.path.exists(path):
-        if is_file_like:
+        if is_file_like or known_names is None:
             raise ValueError(f"`weights` file not found. Received: weights={path!r}")
         raise ValueError(
             f"Unknown `weights` name. Expected one of {known_names}, or the path to an "
@@ -249,7 +254,7 @@ def convert(npz_path, output_path, model_name):
     if not output_path.endswith(KERAS_SUFFIX):
         raise ValueError(f"`output_path` must end with {KERAS_SUFFIX!r}. Received: {output_path!r}")
     configs.split_model_name(model_name)
-    npz_path = check_weights_path(npz_path, "none")
+    npz_path = check_weights_path(npz_path)
     classes = head_classes(npz_path)
     model = BiT(model_name, include_top=classes is not None, weights=npz_path, input_shape=(None, None, 3))
     model.save_weights(output_path)

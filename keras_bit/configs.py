@@ -6,6 +6,7 @@ that the builder in `resnet_v2.py` has no per-model code.
 
 import dataclasses
 import os
+import re
 
 BASE_URL = "https://storage.googleapis.com/bit_models/"
 # Set to a mirror (`https://...`, `file:///...`) holding the same file names to download from there.
@@ -31,8 +32,8 @@ class Checkpoint:
     """One published `.npz` file of the BiT authors."""
 
     path: str  # relative to BASE_URL
-    classes: int
-    resolution: int
+    classes: int = None  # None: read from the file's head once downloaded
+    resolution: int = None  # None: the builder's default input size
 
     @property
     def url(self):
@@ -78,11 +79,30 @@ def _published_checkpoints():
                 f"BiT-M-{arch}-ILSVRC2012.npz", IMAGENET_CLASSES, FINETUNED_RESOLUTION
             ),
         }
+    # R50x1 students distilled from a BiT-M-R152x2 teacher on ILSVRC-2012 (Beyer et al., arXiv 2106.05237).
+    for size in (224, 160):
+        table["BiT-M-R50x1"][f"imagenet-distilled-{size}"] = Checkpoint(
+            f"distill/R50x1_{size}.npz", IMAGENET_CLASSES, size
+        )
     return table
 
 
 # model name -> {weights name -> Checkpoint}
 CHECKPOINTS = _published_checkpoints()
+
+
+# `weights="vtab/<task>"` or `"vtab/<task>/run<k>"`: the authors' VTAB-1k fine-tuned models,
+# `vtab/<model>-run<k>-<task>.npz` (e.g. vtab/BiT-M-R50x1-run0-caltech101.npz); head size read from the file.
+VTAB_WEIGHTS = re.compile(r"vtab/(?P<task>[a-z0-9_]+)(?:/run(?P<run>[0-9]+))?")
+VTAB_HELP = "'vtab/<task>' or 'vtab/<task>/run<k>' (e.g. 'vtab/caltech101')"
+
+
+def vtab_checkpoint(model_name, weights):
+    """The VTAB-1k checkpoint named by `weights` ("vtab/caltech101", "vtab/dtd/run2"), else None."""
+    match = VTAB_WEIGHTS.fullmatch(weights) if isinstance(weights, str) else None
+    if match is None:
+        return None
+    return Checkpoint(f"vtab/{model_name}-run{int(match['run'] or 0)}-{match['task']}.npz")
 
 
 def split_model_name(model_name):

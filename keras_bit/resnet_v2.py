@@ -50,7 +50,7 @@ def _check_architecture(block_units, width_factor, base_width, groups):
         )
 
 
-def _check_activation(classifier_activation, head_is_pretrained):
+def _check_activation(classifier_activation):
     if classifier_activation is not None and not callable(classifier_activation):
         try:
             keras.activations.get(classifier_activation)
@@ -59,7 +59,10 @@ def _check_activation(classifier_activation, head_is_pretrained):
                 "`classifier_activation` must be None, a callable or the name of a Keras "
                 f"activation. Received: classifier_activation={classifier_activation!r}"
             ) from e
-    if head_is_pretrained and keras.activations.get(classifier_activation) not in (
+
+
+def _check_pretrained_head_activation(classifier_activation):
+    if keras.activations.get(classifier_activation) not in (
         keras.activations.get("softmax"),
         keras.activations.get(None),
     ):
@@ -146,13 +149,16 @@ def _resolve_weights(weights, weights_table):
     if weights is None:
         return None, None, None
     if isinstance(weights, str) and weights in weights_table:
-        ckpt = weights_table[weights]
-        return ckpt, ckpt.classes, ckpt.resolution
+        weights = weights_table[weights]
+    if isinstance(weights, configs.Checkpoint):
+        return weights, weights.classes, weights.resolution
     known = ", ".join(repr(name) for name in (None, *weights_table))
+    if weights_table:
+        known += f", {configs.VTAB_HELP}"
     if not isinstance(weights, (str, bytes)) and not hasattr(weights, "__fspath__"):
         raise ValueError(
-            f"`weights` must be one of {known}, or the path to an official-layout .npz or a "
-            f"Keras .weights.h5 file. Received: weights={weights!r}"
+            f"`weights` must be one of {known}, a `keras_bit.configs.Checkpoint`, or the path to an "
+            f"official-layout .npz or a Keras .weights.h5 file. Received: weights={weights!r}"
         )
     path = checkpoints.check_weights_path(weights, known)
     return path, checkpoints.head_classes(path), None
@@ -186,8 +192,9 @@ def ResNetV2(
         block_units: 4 ints, units per block: (3, 4, 6, 3) is R50.
         width_factor: int, the "x1"/"x3" multiplier of every width.
         include_top: bool, whether to add GN-ReLU-pool-Dense classification head.
-        weights: None (random init), a name from `weights_table`, or the path
-            to an official-layout `.npz` or a Keras `.weights.h5` file.
+        weights: None (random init), a name from `weights_table`, a
+            `configs.Checkpoint`, or the path to an official-layout `.npz` or
+            a Keras `.weights.h5` file.
         input_tensor: optional Keras tensor to use as the input.
         input_shape: optional `(height, width, channels)`; height/width may
             be None (any size >= 32). Defaults to the checkpoint's resolution
@@ -234,16 +241,25 @@ def ResNetV2(
         )
     if classes is not None:
         _check_positive_int(classes, "classes")
+    _check_activation(classifier_activation)
     source, checkpoint_classes, resolution = _resolve_weights(weights, weights_table)
-    classes = classes or checkpoint_classes or configs.IMAGENET_CLASSES
-    load_head = include_top and checkpoint_classes is not None and classes == checkpoint_classes
-    _check_activation(classifier_activation, load_head)
     input_shape = _resolve_input_shape(
         input_shape, include_top, resolution or default_size, pretrained=source is not None
     )
 
+    def plan_head(checkpoint_classes):
+        head_classes = classes or checkpoint_classes or configs.IMAGENET_CLASSES
+        load_head = include_top and checkpoint_classes is not None and head_classes == checkpoint_classes
+        if load_head:
+            _check_pretrained_head_activation(classifier_activation)
+        return head_classes, load_head
+
+    head_classes, load_head = plan_head(checkpoint_classes)  # checked before any download
     if isinstance(source, configs.Checkpoint):
         source = checkpoints.fetch(source, cache_dir)  # before building: fail fast when offline
+        if checkpoint_classes is None:  # e.g. VTAB releases: the head size is in the file
+            checkpoint_classes = checkpoints.head_classes(source)
+            head_classes, load_head = plan_head(checkpoint_classes)
 
     if input_tensor is None:
         inputs = keras.Input(shape=input_shape, name="images")
@@ -258,7 +274,7 @@ def ResNetV2(
         # Keep class scores in float32 under mixed precision (Keras' mixed-precision guidance).
         head_dtype = "float32" if policy.compute_dtype != policy.variable_dtype else None
         x = keras.layers.Dense(
-            classes,
+            head_classes,
             activation=classifier_activation,
             kernel_initializer="zeros",  # BiT's zero head: fine-tuning starts from constant outputs.
             dtype=head_dtype,
@@ -276,7 +292,7 @@ def ResNetV2(
         if include_top and not load_head:
             logger.warning(
                 "Loaded the backbone of %s; the head is new and zero-initialised with %d classes "
-                "(the checkpoint has %s).", source, classes, checkpoint_classes or "no head",
+                "(the checkpoint has %s).", source, head_classes, checkpoint_classes or "no head",
             )
     return model
 
@@ -304,6 +320,7 @@ def BiT(
     arch = configs.ARCHITECTURES[arch_name]
     if weights is _DEFAULT:
         weights = configs.FAMILIES[family]
+    weights = configs.vtab_checkpoint(model_name, weights) or weights
     return ResNetV2(
         arch.block_units,
         arch.width_factor,
@@ -334,9 +351,10 @@ BASE_DOCSTRING = """Instantiates the {model_name} architecture ({upstream}).
 
     Args:
         include_top: whether to include the GN-ReLU-avg-pool-Dense head.
-        weights: None (random initialisation), {weights_names}, or the path to
-            an official-layout `.npz` or a Keras `.weights.h5` file.
-            Defaults to "{default}".
+        weights: None (random initialisation), {weights_names}, a VTAB-1k
+            fine-tuned release as "vtab/<task>" or "vtab/<task>/run<k>", or
+            the path to an official-layout `.npz` or a Keras `.weights.h5`
+            file. Defaults to "{default}".
         input_tensor: optional Keras tensor (output of `keras.Input()`).
         input_shape: optional `(height, width, 3)`; height and width may be
             None, else >= 32. Defaults to the checkpoint's resolution with the
