@@ -1,0 +1,162 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from keras_bit import data
+
+
+def _arrays(n_per_class=6, classes=3, size=12, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    images = rng.integers(0, 256, size=(len(labels), size, size, 3), dtype=np.uint8)
+    return images, labels
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=5, size=(20, 30)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def test_arrays_source_holdout_is_deterministic():
+    images, labels = _arrays()
+    a = data.from_arrays(images, labels, seed=3)
+    b = data.from_arrays(images, labels, seed=3)
+    assert len(a.train) + len(a.eval) == 18 and len(a.eval) == 4
+    np.testing.assert_array_equal(a.eval.labels, b.eval.labels)
+    assert a.num_classes == 3 and a.image_size == (12, 12) and a.class_names == ["0", "1", "2"]
+
+
+def test_few_shot_exact_and_deterministic():
+    images, labels = _arrays(n_per_class=10)
+    split = data.Split(images, labels, "arrays")
+    a = data.few_shot(split, 4, 3, seed=1)
+    b = data.few_shot(split, 4, 3, seed=1)
+    c = data.few_shot(split, 4, 3, seed=2)
+    assert np.bincount(a.labels).tolist() == [4, 4, 4]
+    np.testing.assert_array_equal(a.records, b.records)
+    assert not np.array_equal(a.records, c.records)
+    with pytest.raises(ValueError, match="Class 0 has 10 training examples, fewer than examples_per_class=11"):
+        data.few_shot(split, 11, 3)
+
+
+def test_mixup_uses_one_lambda_for_images_and_labels():
+    images = tf.constant(np.arange(4 * 2 * 2 * 3, dtype="float32").reshape(4, 2, 2, 3))
+    labels = tf.one_hot([0, 1, 2, 3], 4)
+    mixed_x, mixed_y = data.mixup(images, labels, 0.1, seed=0, batch_index=5)
+    lam = float(mixed_y[0, 0])  # example 0 mixes with example 3: label row = (lam, 0, 0, 1 - lam)
+    assert 0.0 <= lam <= 1.0
+    np.testing.assert_allclose(mixed_y[0], [lam, 0, 0, 1 - lam], atol=1e-6)
+    np.testing.assert_allclose(mixed_x, lam * images + (1 - lam) * images[::-1], rtol=1e-5)
+    again_x, _ = data.mixup(images, labels, 0.1, seed=0, batch_index=5)
+    np.testing.assert_array_equal(mixed_x, again_x)  # deterministic per (seed, batch)
+    lams = [float(data.mixup(images, labels, 0.1, seed=0, batch_index=b)[1][0, 0]) for b in range(200)]
+    assert np.mean([0.05 < v < 0.95 for v in lams]) < 0.35  # Beta(0.1, 0.1): mostly near 0 or 1
+
+
+def test_train_pipeline_shapes_range_and_resume():
+    images, labels = _arrays(n_per_class=5)
+    split = data.Split(images, labels, "arrays")
+    full = list(data.train_pipeline(split, 3, 4, 40, 32, seed=7).take(9).as_numpy_iterator())
+    x, y = full[0]
+    assert x.shape == (4, 32, 32, 3) and y.shape == (4, 3) and x.dtype == np.float32
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    # Starting at batch 5 gives exactly batches 5.. of the uninterrupted stream (several passes over 15 examples).
+    resumed = list(data.train_pipeline(split, 3, 4, 40, 32, seed=7, start_step=5).take(4).as_numpy_iterator())
+    for (xa, ya), (xb, yb) in zip(full[5:], resumed):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    other = next(data.train_pipeline(split, 3, 4, 40, 32, seed=8).as_numpy_iterator())
+    assert not np.array_equal(other[0], x)
+
+
+def test_train_pipeline_mixup_labels_are_soft():
+    images, labels = _arrays(n_per_class=8)
+    ds = data.train_pipeline(data.Split(images, labels, "arrays"), 3, 8, 16, 16, mixup_alpha=0.5)
+    _, y = next(ds.as_numpy_iterator())
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
+    assert ((y > 0) & (y < 1)).any()
+
+
+def test_eval_pipeline_resizes_without_crop():
+    images, labels = _arrays(n_per_class=3)
+    batches = list(data.eval_pipeline(data.Split(images, labels, "arrays"), 3, 4, 24).as_numpy_iterator())
+    assert [b[0].shape for b in batches] == [(4, 24, 24, 3), (4, 24, 24, 3), (1, 24, 24, 3)]
+    expected = tf.image.resize(images[:1].astype("float32"), (24, 24)) / 127.5 - 1
+    np.testing.assert_allclose(batches[0][0][:1], expected, atol=1e-5)
+
+
+def test_grayscale_arrays_become_rgb():
+    images = np.random.default_rng(0).integers(0, 17, size=(8, 8, 8)).astype("float64") * 15
+    ds = data.from_arrays(images, np.arange(8) % 2)
+    x, _ = next(data.eval_pipeline(ds.eval, 2, 2, 32).as_numpy_iterator())
+    assert x.shape[-1] == 3 and np.array_equal(x[..., 0], x[..., 2])
+
+
+def test_image_folder(tmp_path):
+    root = _image_folder(tmp_path / "pets")
+    ds = data.load(str(root), eval_fraction=0.2)
+    assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2 and ds.image_size == (20, 30)
+    assert len(ds.train) == 8 and len(ds.eval) == 2
+    x, y = next(data.train_pipeline(ds.train, 2, 4, 40, 32).as_numpy_iterator())
+    assert x.shape == (4, 32, 32, 3) and y.shape == (4, 2)
+
+
+def test_image_folder_with_train_and_test(tmp_path):
+    _image_folder(tmp_path / "d" / "train", per_class=4)
+    _image_folder(tmp_path / "d" / "test", per_class=2)
+    ds = data.from_folder(tmp_path / "d")
+    assert len(ds.train) == 8 and len(ds.eval) == 4
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is empty: no images under its class sub-folders"):
+        data.from_folder(tmp_path / "empty")
+    with pytest.raises(ValueError, match="has no class sub-folders"):
+        (tmp_path / "flat").mkdir()
+        data.from_folder(tmp_path / "flat")
+    root = _image_folder(tmp_path / "notes")
+    (root / "cat" / "README.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"holds files that are not images: .*README.txt \(not an image file"):
+        data.from_folder(root)
+    root = _image_folder(tmp_path / "broken")
+    (root / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(ValueError, match=r"Unreadable image file .*bad.jpg"):
+        data.from_folder(root)
+    with pytest.raises(ValueError, match="Image folder not found"):
+        data.from_folder(tmp_path / "nope" / "x")
+
+
+def test_array_errors():
+    images, labels = _arrays()
+    with pytest.raises(ValueError, match="different lengths: 18 images, 17 labels"):
+        data.from_arrays(images, labels[:-1])
+    with pytest.raises(ValueError, match="The data set is empty"):
+        data.from_arrays(images[:0], labels[:0])
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\]. Received labels in \[-1, 2\]"):
+        data.from_arrays(images, np.where(labels == 0, -1, labels), num_classes=3)
+    with pytest.raises(ValueError, match=r"look like \[0, 1\] floats"):
+        data.from_arrays(images / 255.0, labels)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        data.train_pipeline(data.Split(images, labels, "arrays"), 3, 64, 16, 16)
+
+
+def test_tfds_mock_cifar10():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        ds = data.load("cifar10")
+    assert ds.num_classes == 10 and ds.image_size == (32, 32) and len(ds.class_names) == 10
+    assert len(ds.train) == 12 and ds.train.kind == "encoded"
+    x, y = next(data.train_pipeline(ds.train, 10, 4, 40, 32).as_numpy_iterator())
+    assert x.shape == (4, 32, 32, 3) and y.shape == (4, 10)
+    with pytest.raises(ValueError, match="Could not load tfds data set 'no_such_dataset_xyz'"):
+        data.load("no_such_dataset_xyz")
