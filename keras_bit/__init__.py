@@ -5,9 +5,12 @@ Reference:
     Learning", https://arxiv.org/abs/1912.11370.
 """
 
+from keras_bit import data, hyperrule
 from keras_bit.cache import DownloadError
 from keras_bit.checkpoints import convert, load_weights, save_npz
 from keras_bit.configs import MODEL_NAMES
+from keras_bit.export import export_saved_model
+from keras_bit.finetune import FinetuneResult, finetune
 from keras_bit.imagenet import decode_predictions, preprocess_input
 from keras_bit.layers import GroupNormalization, StandardizedConv2D
 from keras_bit.resnet_v2 import (
@@ -45,13 +48,18 @@ __all__ = [
     "BiTS_R152x2",
     "BiTS_R152x4",
     "DownloadError",
+    "FinetuneResult",
     "GroupNormalization",
     "MODEL_NAMES",
     "ResNetV2",
     "StandardizedConv2D",
     "convert",
+    "data",
     "decode_predictions",
+    "export_saved_model",
     "feature_model",
+    "finetune",
+    "hyperrule",
     "load_weights",
     "preprocess_input",
     "save_npz",

@@ -1,12 +1,17 @@
-"""The `keras-bit` command: `demo` and `convert`.
+"""The `keras-bit` command: `finetune`, `export`, `predict`, `demo` and `convert`.
 
 Examples:
+    keras-bit finetune --data cifar10 --weights imagenet21k --batch-size 128
+    keras-bit export bit_finetune/model.keras --class-names bit_finetune/class_names.txt
+    keras-bit predict cat.jpg dog.png --model saved_models/bit_m_r50x1/1 --top 3
     keras-bit demo                                   # build BiT-S-R50x1, classify a generated image
     keras-bit convert BiT-M-R50x1.npz bit.weights.h5 --model BiT-M-R50x1
 """
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 
@@ -17,6 +22,23 @@ from keras_bit import configs
 
 def _weights_arg(value):
     return None if value.lower() == "none" else value
+
+
+def _load_model(spec):
+    import keras
+
+    import keras_bit  # noqa: F401  (registers the layers for .keras files)
+
+    if spec.endswith(".keras"):
+        return keras.saving.load_model(spec)
+    return keras_bit.BiT(spec)
+
+
+def _resolution_arg(value):
+    parts = [int(v) for v in value.split(",")]
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError("expected CROP or RESIZE,CROP")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def generated_image(size=224, seed=0):
@@ -93,6 +115,45 @@ def build_parser():
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
 
+    p = sub.add_parser("finetune", help="fine-tune with BiT-HyperRule (model.fit on tf.data under tf.distribute)")
+    p.add_argument("--model", default="BiT-M-R50x1", choices=configs.MODEL_NAMES)
+    p.add_argument("--data", default="sklearn:digits",
+                   help='tfds name, image folder, or "sklearn:digits" (bundled, offline; the default)')
+    p.add_argument("--weights", default=None, type=_weights_arg,
+                   help='checkpoint to start from ("imagenet21k", "imagenet", a path); default: random init')
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=None, help="total steps (default: BiT-HyperRule's)")
+    p.add_argument("--resolution", type=_resolution_arg, default=None, help='CROP or RESIZE,CROP (default: HyperRule)')
+    p.add_argument("--output-dir", default="bit_finetune", help="created if missing; its parent must exist")
+    p.add_argument("--examples-per-class", type=int, default=None, help="few-shot: K examples of each class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-lr", type=float, default=0.003, help="learning rate at batch 512 (scaled linearly)")
+    p.add_argument("--mixup", type=float, default=None, help="MixUp alpha (default: HyperRule)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--eval-split", default=None)
+    p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share when there is no eval split")
+    p.add_argument("--data-dir", default=None, help="tfds data_dir")
+    p.add_argument("--mixed-precision", default=None, choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--xla", action="store_true", help="compile the training step with XLA")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between backups")
+
+    p.add_argument("--export-dir", default=None, help="also export a serving SavedModel under this folder")
+
+    p = sub.add_parser("export", help="export a .keras model as a TF-Serving SavedModel (raw-pixel signatures)")
+    p.add_argument("model", help="a .keras file (e.g. a fine-tuning run's model.keras) or a BiT model name")
+    p.add_argument("--export-dir", default="saved_models")
+    p.add_argument("--name", default=None, help="folder name (default: the model's name)")
+    p.add_argument("--version", type=int, default=None, help="default: the next free version")
+    p.add_argument("--class-names", default=None, help="text file, one class name per line")
+    p.add_argument("--top", type=int, default=5)
+
+    p = sub.add_parser("predict", help="classify image files with a SavedModel, a .keras model or a BiT name")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help="SavedModel folder, .keras file or BiT model name")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("convert", help="convert an official .npz checkpoint to a Keras .weights.h5")
     p.add_argument("input", help="official-layout .npz checkpoint")
     p.add_argument("output", help="destination .weights.h5")
@@ -106,6 +167,42 @@ def main(argv=None):
     try:
         if args.command == "demo":
             demo(args.model, args.weights, args.top, args.size)
+        elif args.command == "finetune":
+            from keras_bit.finetune import finetune
+
+            result = finetune(
+                args.model, args.data, weights=args.weights, batch_size=args.batch_size, steps=args.steps,
+                resolution=args.resolution, output_dir=args.output_dir,
+                examples_per_class=args.examples_per_class, seed=args.seed, base_lr=args.base_lr,
+                mixup=args.mixup, split=args.split, eval_split=args.eval_split,
+                eval_fraction=args.eval_fraction, data_dir=args.data_dir, mixed_precision=args.mixed_precision,
+                gradient_accumulation_steps=args.grad_accum, jit_compile=args.xla,
+                checkpoint_every=args.checkpoint_every, export_dir=args.export_dir, verbose=2,
+            )
+            print(f"model: {os.path.join(result.output_dir, 'model.keras')}")
+            if result.export_path:
+                print(f"SavedModel: {result.export_path}")
+        elif args.command == "export":
+            from keras_bit.export import export_saved_model
+
+            model = _load_model(args.model)
+            names = None
+            if args.class_names:
+                with open(args.class_names, encoding="utf-8") as f:
+                    names = [line.strip() for line in f if line.strip()]
+            print(export_saved_model(model, args.export_dir, name=args.name, version=args.version,
+                                     class_names=names, top_k=args.top))
+        elif args.command == "predict":
+            from keras_bit.predict import predict_files
+
+            results = predict_files(args.images, args.model, top=args.top)
+            if args.json:
+                print(json.dumps(results, indent=2))
+            for item in [] if args.json else results:
+                print(item["image"])
+                for entry in item["top"]:
+                    label = f"  {entry['label']}" if entry.get("label") is not None else ""
+                    print(f"  {entry['score']:.4f}  class {entry['index']}{label}")
         elif args.command == "convert":
             from keras_bit.checkpoints import convert
 

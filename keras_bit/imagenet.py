@@ -41,7 +41,8 @@ def preprocess_input(x, data_format=None):
     return x / 127.5 - 1.0
 
 
-def _imagenet21k_labels(cache_dir=None):
+def imagenet21k_labels(cache_dir=None):
+    """`(wordnet_ids, lemmas)` of BiT's 21843 ImageNet-21k classes, downloaded once into the cache."""
     ids_file, lemmas_file = IMAGENET21K_FILES
     paths = [cache.fetch(configs.base_url() + f, f, LABELS_SUBDIR, cache_dir) for f in (ids_file, lemmas_file)]
     with open(paths[0], encoding="utf-8") as f:
@@ -97,7 +98,7 @@ def decode_predictions(preds, top=5, cache_dir=None):
                 f"Keras could not fetch its ImageNet class index ({e}). Without network access, "
                 f"place imagenet_class_index.json at {target}."
             ) from e
-    ids, lemmas = _imagenet21k_labels(cache_dir)
+    ids, lemmas = imagenet21k_labels(cache_dir)
     results = []
     for row in preds:
         best = np.argsort(row)[::-1][:top]

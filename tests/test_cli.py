@@ -27,3 +27,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "keras-bit convert: error: `weights` file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["convert", "a.npz", "b.weights.h5", "--model", "BiT-X-R50x1"])
+
+
+def test_finetune_command_on_bundled_digits(tmp_path, capsys):
+    """The README's main job, shortened: BiT-M-R50x1 on scikit-learn's digits, 5 steps."""
+    out = tmp_path / "digits"
+    argv = ["finetune", "--data", "sklearn:digits", "--steps", "5", "--batch-size", "8",
+            "--resolution", "32", "--output-dir", str(out), "--seed", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "eval top-1 accuracy:" in printed and f"model: {out / 'model.keras'}" in printed
+    assert (out / "model.keras").is_file() and (out / "class_names.txt").read_text().split() == [str(i) for i in range(10)]
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"] == "BiT-M-R50x1" and run["supports"] == [1, 2, 3, 4, 5] and run["resolution"] == [32, 32]
+    assert run["data"] == "sklearn:digits" and run["train_examples"] == 1438
+
+
+def test_finetune_command_rejects_bad_resolution(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--resolution", "1,2,3"])
