@@ -24,16 +24,6 @@ def _weights_arg(value):
     return None if value.lower() == "none" else value
 
 
-def _load_model(spec):
-    import keras
-
-    import keras_bit  # noqa: F401  (registers the layers for .keras files)
-
-    if spec.endswith(".keras"):
-        return keras.saving.load_model(spec)
-    return keras_bit.BiT(spec)
-
-
 def _resolution_arg(value):
     parts = [int(v) for v in value.split(",")]
     if len(parts) not in (1, 2):
@@ -137,7 +127,6 @@ def build_parser():
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--xla", action="store_true", help="compile the training step with XLA")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between backups")
-
     p.add_argument("--export-dir", default=None, help="also export a serving SavedModel under this folder")
 
     p = sub.add_parser("export", help="export a .keras model as a TF-Serving SavedModel (raw-pixel signatures)")
@@ -184,12 +173,10 @@ def main(argv=None):
                 print(f"SavedModel: {result.export_path}")
         elif args.command == "export":
             from keras_bit.export import export_saved_model
+            from keras_bit.predict import load_model, read_class_names
 
-            model = _load_model(args.model)
-            names = None
-            if args.class_names:
-                with open(args.class_names, encoding="utf-8") as f:
-                    names = [line.strip() for line in f if line.strip()]
+            model = load_model(args.model)
+            names = read_class_names(args.class_names) if args.class_names else None
             print(export_saved_model(model, args.export_dir, name=args.name, version=args.version,
                                      class_names=names, top_k=args.top))
         elif args.command == "predict":
@@ -198,11 +185,12 @@ def main(argv=None):
             results = predict_files(args.images, args.model, top=args.top)
             if args.json:
                 print(json.dumps(results, indent=2))
-            for item in [] if args.json else results:
-                print(item["image"])
-                for entry in item["top"]:
-                    label = f"  {entry['label']}" if entry.get("label") is not None else ""
-                    print(f"  {entry['score']:.4f}  class {entry['index']}{label}")
+            else:
+                for item in results:
+                    print(item["image"])
+                    for entry in item["top"]:
+                        label = f"  {entry['label']}" if entry.get("label") is not None else ""
+                        print(f"  {entry['score']:.4f}  class {entry['index']}{label}")
         elif args.command == "convert":
             from keras_bit.checkpoints import convert
 

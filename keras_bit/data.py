@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_bit.imagenet import preprocess_input
+from keras_bit.validation import check_positive_int
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -207,6 +208,8 @@ def _tfds_split(name, split, data_dir):
 def from_tfds(name, split="train", eval_split=None, data_dir=None):
     """A `Dataset` from a TensorFlow Datasets name (images kept encoded until after shuffling)."""
     train, info = _tfds_split(name, split, data_dir)
+    if len(train) == 0:
+        raise ValueError(f"The data set is empty: tfds {name!r} split {split!r} has no examples.")
     if eval_split is None:
         available = set(info.splits.keys()) or {"test"}
         eval_split = next((s for s in ("test", "validation") if s in available), None)
@@ -214,8 +217,6 @@ def from_tfds(name, split="train", eval_split=None, data_dir=None):
             raise ValueError(f"tfds data set {name!r} has no 'test' or 'validation' split: pass `eval_split`.")
     evaluation, _ = _tfds_split(name, eval_split, data_dir)
     label = info.features["label"]
-    if len(train) == 0:
-        raise ValueError(f"The data set is empty: tfds {name!r} split {split!r} has no examples.")
     shape = info.features["image"].shape
     if shape[0] is None or shape[1] is None:
         shape = tf.io.decode_image(train.records[0], channels=3, expand_animations=False).shape
@@ -263,10 +264,7 @@ def load(data, eval_data=None, split="train", eval_split=None, eval_fraction=0.2
 
 def few_shot(split, examples_per_class, num_classes, seed=0):
     """Exactly `examples_per_class` examples of every class, drawn with `seed` (same seed, same draw)."""
-    if isinstance(examples_per_class, bool) or not isinstance(examples_per_class, int) or examples_per_class <= 0:
-        raise ValueError(
-            f"`examples_per_class` must be a positive integer. Received: examples_per_class={examples_per_class!r}"
-        )
+    check_positive_int(examples_per_class, "examples_per_class")
     rng = np.random.default_rng(seed)
     chosen = []
     for c in range(num_classes):

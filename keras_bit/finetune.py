@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from keras_bit import configs, hyperrule
 from keras_bit import data as data_lib
+from keras_bit.validation import check_positive_int
 
 logger = logging.getLogger("keras_bit")
 
@@ -66,11 +67,6 @@ def select_strategy(strategy=None):
     if sum(len(v) for v in cluster.values()) > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.MirroredStrategy()
-
-
-def _check_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
 
 
 def _resolution(resolution, image_size):
@@ -133,7 +129,6 @@ def _build(model, weights, crop, num_classes):
     if isinstance(model, str):
         from keras_bit.resnet_v2 import BiT
 
-        configs.split_model_name(model)
         return BiT(model, weights=weights, input_shape=(crop, crop, 3), classes=num_classes,
                    classifier_activation=None)
     if callable(model):
@@ -222,8 +217,8 @@ def finetune(
         >>> result = keras_bit.finetune("BiT-M-R50x1", "cifar10", weights="imagenet21k", batch_size=64)
         >>> result.eval_accuracy
     """
-    _check_int(batch_size, "batch_size")
-    _check_int(gradient_accumulation_steps, "gradient_accumulation_steps")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
     if batch_size % gradient_accumulation_steps:
         raise ValueError(
             f"`batch_size` ({batch_size}) must be divisible by gradient_accumulation_steps "
@@ -266,7 +261,7 @@ def finetune(
     start_epoch = _resume_epoch(backup_dir)
     run = {
         "model": model if isinstance(model, str) else getattr(model, "__name__", repr(model)),
-        "weights": None if weights is None else os.fspath(weights) if not isinstance(weights, str) else weights,
+        "weights": weights if weights is None else os.fspath(weights),
         "num_classes": dataset.num_classes, "batch_size": batch_size, "supports": list(supports),
         "resolution": [resize, crop], "seed": seed, "mixup": mixup_alpha, "examples_per_class": examples_per_class,
         "gradient_accumulation_steps": micro, "train_examples": n, "base_lr": base_lr, "learning_rate": lr,

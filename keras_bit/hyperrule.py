@@ -18,6 +18,8 @@ Reference:
 import keras
 from keras import ops
 
+from keras_bit.validation import check_positive_int
+
 SMALL_IMAGE_AREA = 96 * 96
 BASE_LR = 0.003
 BASE_BATCH_SIZE = 512
@@ -73,8 +75,7 @@ def scaled_lr(batch_size, base_lr=BASE_LR):
         >>> scaled_lr(128)
         0.00075
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     return base_lr * batch_size / BASE_BATCH_SIZE
 
 
@@ -148,10 +149,7 @@ class BiTSchedule(keras.optimizers.schedules.LearningRateSchedule):
             )
         if not base_lr > 0:
             raise ValueError(f"`base_lr` must be positive. Received: base_lr={base_lr!r}")
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(
-                f"`accumulation_steps` must be an integer >= 1. Received: accumulation_steps={accumulation_steps!r}"
-            )
+        check_positive_int(accumulation_steps, "accumulation_steps")
         self.base_lr = float(base_lr)
         self.supports = supports
         self.accumulation_steps = accumulation_steps
@@ -169,5 +167,4 @@ class BiTSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def _check_size(dataset_size):
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size <= 0:
-        raise ValueError(f"`dataset_size` must be a positive integer. Received: dataset_size={dataset_size!r}")
+    check_positive_int(dataset_size, "dataset_size")

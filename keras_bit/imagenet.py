@@ -5,6 +5,7 @@ import keras
 from keras import ops
 
 from keras_bit import cache, configs
+from keras_bit.validation import check_positive_int
 
 LABELS_SUBDIR = "bit_models"
 IMAGENET21K_FILES = ("imagenet21k_wordnet_ids.txt", "imagenet21k_wordnet_lemmas.txt")
@@ -87,8 +88,7 @@ def decode_predictions(preds, top=5, cache_dir=None):
             "`decode_predictions` expects a batch of predictions of shape (samples, 1000) or "
             f"(samples, {configs.IMAGENET21K_CLASSES}). Received array of shape: {preds.shape}"
         )
-    if isinstance(top, bool) or not isinstance(top, int) or top <= 0:
-        raise ValueError(f"`top` must be a positive integer. Received: top={top!r}")
+    check_positive_int(top, "top")
     if preds.shape[1] == configs.IMAGENET_CLASSES:
         target = cache.cached_path("imagenet_class_index.json", "models")
         try:

@@ -9,6 +9,23 @@ def _is_saved_model(path):
     return os.path.isfile(os.path.join(path, "saved_model.pb"))
 
 
+def load_model(spec):
+    """A Keras model from a `.keras` file, or a named BiT model (`keras_bit.BiT(spec)`)."""
+    import keras
+
+    import keras_bit  # registers the layers that .keras files refer to
+
+    if spec.endswith(".keras"):
+        return keras.saving.load_model(spec)
+    return keras_bit.BiT(spec)
+
+
+def read_class_names(path):
+    """Class names from a text file, one per line (the `class_names.txt` that fine-tuning writes)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def predict_files(paths, model, top=5):
     """Top-`top` classes of each image file.
 
@@ -41,19 +58,17 @@ def predict_files(paths, model, top=5):
             labels = out["top_k_labels"].numpy()
             names = {int(i): lab.decode() for row_i, row_l in zip(index, labels) for i, lab in zip(row_i, row_l)}
     else:
-        from keras_bit.cli import _load_model
         from keras_bit.export import imagenet_class_names
         from keras_bit.imagenet import preprocess_input
 
-        net = _load_model(model)
+        net = load_model(model)
         height, width = net.input_shape[1:3]
         images = [tf.image.resize(tf.io.decode_image(b, channels=3, expand_animations=False), (height, width))
                   for b in blobs]
         probs = np.asarray(net.predict(preprocess_input(tf.stack(images)), verbose=0))
         beside = os.path.join(os.path.dirname(os.path.abspath(model)), "class_names.txt")
         if model.endswith(".keras") and os.path.isfile(beside):  # a fine-tuning run's output folder
-            with open(beside, encoding="utf-8") as f:
-                class_list = [line.strip() for line in f if line.strip()]
+            class_list = read_class_names(beside)
         else:
             class_list = imagenet_class_names(probs.shape[1])
         names = dict(enumerate(class_list)) if class_list else None

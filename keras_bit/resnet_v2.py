@@ -17,6 +17,7 @@ import keras
 
 from keras_bit import checkpoints, configs
 from keras_bit.layers import GN_GROUPS, GroupNormalization, StandardizedConv2D
+from keras_bit.validation import check_positive_int
 
 logger = logging.getLogger("keras_bit")
 
@@ -28,11 +29,6 @@ DATA_FORMAT = "channels_last"
 _DEFAULT = object()  # "the default weights of this family"
 
 
-def _check_positive_int(value, arg):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"`{arg}` must be a positive integer. Received: {arg}={value!r}")
-
-
 def _check_architecture(block_units, width_factor, base_width, groups):
     if not isinstance(block_units, (tuple, list)) or len(block_units) != len(BLOCK_STRIDES):
         raise ValueError(
@@ -40,9 +36,9 @@ def _check_architecture(block_units, width_factor, base_width, groups):
             f"Received: block_units={block_units!r}"
         )
     for units in block_units:
-        _check_positive_int(units, "block_units")
+        check_positive_int(units, "block_units")
     for value, arg in ((width_factor, "width_factor"), (base_width, "base_width"), (groups, "groups")):
-        _check_positive_int(value, arg)
+        check_positive_int(value, arg)
     if (base_width * width_factor) % groups:
         raise ValueError(
             f"GroupNorm needs channel counts divisible by `groups`: base_width * width_factor "
@@ -240,7 +236,7 @@ def ResNetV2(
             f"Received: pooling={pooling!r} with include_top=True"
         )
     if classes is not None:
-        _check_positive_int(classes, "classes")
+        check_positive_int(classes, "classes")
     _check_activation(classifier_activation)
     source, checkpoint_classes, resolution = _resolve_weights(weights, weights_table)
     input_shape = _resolve_input_shape(
