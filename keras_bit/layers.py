@@ -104,12 +104,24 @@ class StandardizedConv2D(keras.layers.Conv2D):
 
 @keras.saving.register_keras_serializable(package="keras_bit")
 class GroupNormalization(keras.layers.GroupNormalization):
-    """Keras' GroupNormalization with BiT's defaults: 32 groups, epsilon 1e-5.
+    """Keras' GroupNormalization with BiT's defaults and a faster NHWC path.
 
-    Keras' own layer is used unchanged underneath: it computes the group
-    statistics in float32 for any input dtype with a two-pass variance
-    (`tf.nn.moments`), so constant inputs give zeros, never NaN, and float16 or
-    bfloat16 activations are normalised at full precision.
+    Same layer, weights, config and numerics contract as
+    `keras.layers.GroupNormalization` (32 groups and epsilon 1e-5 as in BiT).
+    For 4D channels-last inputs the statistics are computed in a cheaper
+    order: per-channel mean and variance over the contiguous spatial axes
+    (two-pass, as `ops.moments`), then combined exactly into group statistics
+    (`var_group = mean(var_channel) + mean((mean_channel - mean_group)^2)`,
+    valid because every channel of a group has the same number of elements),
+    and applied as one per-(sample, channel) scale and shift. Keras' generic
+    path reduces a 5D tensor over non-adjacent axes, which on CPU cost more
+    than a quarter of BiT-R50x1's inference time; this path makes the layer
+    about 3x cheaper (see benchmarks/RESULTS.md). Other ranks and layouts use
+    Keras' implementation unchanged.
+
+    Statistics and the normalisation run in float32 (float64 for float64
+    inputs) for any input dtype, and the variance is never computed as
+    `E[x^2] - E[x]^2`, so constant inputs give exact zeros, never NaN.
 
     Args:
         groups: int, number of channel groups. Defaults to 32.
@@ -118,6 +130,8 @@ class GroupNormalization(keras.layers.GroupNormalization):
 
     Reference:
         Wu & He, "Group Normalization", https://arxiv.org/abs/1803.08494.
+        Chan, Golub & LeVeque, "Algorithms for computing the sample variance"
+        (1983), for combining per-channel moments.
 
     Example:
         >>> gn = GroupNormalization(name="gn")
@@ -127,3 +141,25 @@ class GroupNormalization(keras.layers.GroupNormalization):
 
     def __init__(self, groups=GN_GROUPS, epsilon=GN_EPSILON, **kwargs):
         super().__init__(groups=groups, epsilon=epsilon, **kwargs)
+
+    def call(self, inputs):
+        if len(inputs.shape) != 4 or self.axis not in (-1, 3):
+            return super().call(inputs)
+        channels = inputs.shape[-1]
+        per_group = channels // self.groups
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        channel_mean, channel_var = ops.moments(x, axes=(1, 2))
+        channel_mean = ops.reshape(channel_mean, (-1, self.groups, per_group))
+        channel_var = ops.reshape(channel_var, (-1, self.groups, per_group))
+        mean = ops.mean(channel_mean, axis=-1, keepdims=True)
+        var = ops.mean(channel_var + ops.square(channel_mean - mean), axis=-1, keepdims=True)
+        scale = ops.rsqrt(var + self.epsilon)
+        if self.scale:
+            scale = scale * ops.reshape(ops.cast(self.gamma, x.dtype), (self.groups, per_group))
+        else:
+            scale = ops.repeat(scale, per_group, axis=-1)
+        shift = -mean * scale
+        if self.center:
+            shift = shift + ops.reshape(ops.cast(self.beta, x.dtype), (self.groups, per_group))
+        outputs = x * ops.reshape(scale, (-1, 1, 1, channels)) + ops.reshape(shift, (-1, 1, 1, channels))
+        return ops.cast(outputs, self.compute_dtype)

@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import reference
 from keras_bit.layers import GroupNormalization, StandardizedConv2D, standardize_kernel
@@ -113,3 +114,40 @@ def test_group_norm_half_precision_large_activations(rng, policy):
     assert np.all(np.isfinite(y))
     expected = reference.group_norm(x.astype("float64"), np.ones(64), np.zeros(64))
     np.testing.assert_allclose(y, expected, atol=0.05)
+
+
+@pytest.mark.parametrize("center,scale", [(True, True), (False, True), (True, False)])
+def test_group_norm_fast_path_matches_keras_layer_and_gradients(rng, center, scale):
+    # The NHWC path combines per-channel moments; it must equal Keras' generic
+    # implementation in value and in gradient (w.r.t. inputs, gamma and beta).
+    x = tf.constant(rng.normal(2.0, 3.0, size=(3, 7, 5, 64)), "float64")
+    ours = GroupNormalization(center=center, scale=scale, dtype="float64")
+    theirs = keras.layers.GroupNormalization(groups=32, epsilon=1e-5, center=center, scale=scale, dtype="float64")
+    ours.build(x.shape)
+    theirs.build(x.shape)
+    weights = [rng.normal(size=w.shape) for w in ours.weights]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    upstream = tf.constant(rng.normal(size=x.shape), "float64")
+    results = []
+    for layer in (ours, theirs):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * upstream)
+        results.append((y, tape.gradient(loss, [x] + layer.trainable_weights)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_group_norm_dynamic_shapes_and_other_ranks_fall_back(rng):
+    gn = GroupNormalization(groups=4)
+    fn = tf.function(gn, input_signature=[tf.TensorSpec((None, None, None, 8), tf.float32)])
+    x = rng.normal(size=(2, 3, 5, 8)).astype("float32")
+    gamma, beta = np.ones(8), np.zeros(8)
+    np.testing.assert_allclose(fn(x), reference.group_norm(x, gamma, beta, groups=4), atol=1e-5)
+    # 3D (sequence) inputs take Keras' generic path and still normalise per group.
+    seq = rng.normal(size=(2, 6, 8)).astype("float32")
+    expected = reference.group_norm(seq[:, :, None, :], gamma, beta, groups=4)[:, :, 0, :]
+    np.testing.assert_allclose(GroupNormalization(groups=4)(seq), expected, atol=1e-5)
