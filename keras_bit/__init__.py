@@ -10,7 +10,7 @@ from keras_bit.cache import DownloadError
 from keras_bit.checkpoints import convert, load_weights, save_npz
 from keras_bit.configs import MODEL_NAMES
 from keras_bit.export import export_saved_model
-from keras_bit.finetune import FinetuneResult, finetune
+from keras_bit.finetune import FinetuneResult, MultiWorkerStrategy, finetune
 from keras_bit.imagenet import decode_predictions, preprocess_input
 from keras_bit.layers import GroupNormalization, StandardizedConv2D
 from keras_bit.resnet_v2 import (
@@ -49,6 +49,7 @@ __all__ = [
     "BiTS_R152x4",
     "DownloadError",
     "FinetuneResult",
+    "MultiWorkerStrategy",
     "GroupNormalization",
     "MODEL_NAMES",
     "ResNetV2",

@@ -329,17 +329,31 @@ def mixup(images, labels, alpha, seed, batch_index):
     return lam * images + (1 - lam) * tf.reverse(images, [0]), lam * labels + (1 - lam) * tf.reverse(labels, [0])
 
 
-def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_alpha=0.0, start_step=0):
+def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_alpha=0.0, start_step=0,
+                   shard=(0, 1), per_replica_batch_size=None):
     """Infinite training batches `(images, one-hot labels)`, starting at batch `start_step`.
 
     Pass p over the examples is a full permutation drawn from `(seed, p)`, and
     each augmentation is seeded by the example's position in the stream, so
     batch b is the same whatever `start_step` the pipeline was built with:
     that is what makes interrupted runs resume exactly.
+
+    Multi-worker input: with `shard=(index, count)` this pipeline produces only
+    its share of every global batch of `batch_size` examples (positions
+    `[index * batch_size / count, (index + 1) * batch_size / count)`), and
+    decodes nothing else; the `count` shards together are exactly the global
+    batch of the one-process stream. `per_replica_batch_size` then splits the
+    share into consecutive per-replica batches (what
+    `tf.distribute.Strategy.distribute_datasets_from_function` expects). MixUp
+    uses the global batch's lambda and pairs examples within the share.
     """
     n = len(split)
     if n < batch_size:
         raise ValueError(f"The training set has {n} examples, fewer than one batch (batch_size={batch_size}).")
+    shard_index, count = shard
+    if batch_size % count or not 0 <= shard_index < count:
+        raise ValueError(f"Cannot take shard {shard_index} of {count} of a global batch of {batch_size} examples.")
+    share = batch_size // count
     kind = split.kind
     records, labels = _tensors(split)
     first = start_step * batch_size
@@ -351,17 +365,23 @@ def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_a
 
     ds = tf.data.Dataset.range(start_pass, np.iinfo(np.int64).max).flat_map(one_pass).skip(offset)
     ds = ds.enumerate(start=first)
+    if count > 1:
+        ds = ds.filter(lambda position, i: (position % batch_size) // share == shard_index)
 
     def example(index, i):
         image = train_augment(decode(tf.gather(records, i), kind), index, resize, crop, seed)
         return image, tf.one_hot(tf.gather(labels, i), num_classes)
 
     ds = ds.map(example, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(share, drop_remainder=True)
     if mixup_alpha:
         ds = ds.enumerate(start=start_step).map(
             lambda b, xy: mixup(xy[0], xy[1], mixup_alpha, seed, b), num_parallel_calls=_AUTOTUNE
         )
+    if per_replica_batch_size is not None and per_replica_batch_size != share:
+        if share % per_replica_batch_size:
+            raise ValueError(f"A share of {share} examples cannot be split into batches of {per_replica_batch_size}.")
+        ds = ds.rebatch(per_replica_batch_size, drop_remainder=True)
     return ds.prefetch(_AUTOTUNE)
 
 

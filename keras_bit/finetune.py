@@ -11,6 +11,7 @@ Reference:
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -58,15 +59,100 @@ class FinetuneResult:
     export_path: str = None
 
 
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`tf.distribute.MultiWorkerMirroredStrategy` that Keras 3's `fit` can use.
+
+    Keras 3 (checked up to 3.15) calls `strategy.reduce` in two ways the
+    multi-worker strategy rejects: at the start of `fit` on one whole batch, an
+    `(x, y)` tuple of per-replica values ("Attempt to convert a value
+    (PerReplica...)"), and on every step's scalar metrics with `axis=0`
+    ("Invalid reduction dimension 0 for input with 0 dimensions"). This
+    subclass reduces nested structures leaf by leaf and reduces scalars across
+    replicas (what `axis=0` means for a per-replica scalar); it is otherwise
+    the TensorFlow strategy, configured from `TF_CONFIG` in the same way.
+    Create it at program start, before any other TensorFlow op.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        parent = super()
+
+        def reduce_one(v):
+            first = self.experimental_local_results(v)[0]
+            return parent.reduce(reduce_op, v, None if first.shape.rank == 0 else axis)
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
 def select_strategy(strategy=None):
     """The strategy to train under: `strategy`, else multi-worker if `TF_CONFIG` names a cluster,
     else `MirroredStrategy` over all local GPUs (the CPU when there is none)."""
-    if strategy is not None:
-        return strategy
-    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-    if sum(len(v) for v in cluster.values()) > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.MirroredStrategy()
+    if strategy is None:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+        if sum(len(v) for v in cluster.values()) > 1:
+            return MultiWorkerStrategy()
+        return tf.distribute.MirroredStrategy()
+    if type(strategy) is tf.distribute.MultiWorkerMirroredStrategy:
+        raise ValueError(
+            "Keras 3's `fit` cannot run under a plain tf.distribute.MultiWorkerMirroredStrategy (its "
+            "`reduce` rejects the nested batch Keras passes). Create `keras_bit.MultiWorkerStrategy(...)` "
+            "instead (same arguments), or pass no strategy and set TF_CONFIG."
+        )
+    return strategy
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files: the `chief` task, else worker 0, else a lone process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type or task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+class _RestoreOnly(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore for non-chief workers: restores from the shared backup, never writes it.
+
+    Keras 3's callback writes from every process; under MultiWorkerMirroredStrategy
+    all workers hold identical (all-reduced) weights, so the chief's copy is the backup.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+
+def _shard_options(policy):
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = policy
+    return options
+
+
+def _distributed_train_input(strategy, make_pipeline, global_batch):
+    """Per-worker training input: each worker builds only its share of every global batch.
+
+    The shares are cut by example position in the deterministic stream (see
+    `keras_bit.data.train_pipeline`), so tf.data's auto-sharding is switched off
+    on purpose: it would either re-shard the shares or fall back to DATA
+    sharding, which decodes and augments every example on every worker.
+    """
+
+    def dataset_fn(context):
+        ds = make_pipeline(shard=(context.input_pipeline_id, context.num_input_pipelines),
+                           per_replica_batch_size=context.get_per_replica_batch_size(global_batch))
+        return ds.with_options(_shard_options(tf.data.experimental.AutoShardPolicy.OFF))
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _write_json(path, value):
+    # Atomic: other workers may read run.json while the chief rewrites it.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _resolution(resolution, image_size):
@@ -109,7 +195,7 @@ def _resume_epoch(backup_dir):
         return int(json.load(f)["epoch"])
 
 
-def _check_resume(output_dir, run, resuming):
+def _check_resume(output_dir, run, resuming, chief=True):
     path = os.path.join(output_dir, RUN_FILE)
     if resuming and os.path.exists(path):
         with open(path) as f:
@@ -121,8 +207,19 @@ def _check_resume(output_dir, run, resuming):
                 f"{output_dir} holds a backup of a different run ({details}). Resume with the same "
                 "settings, or use a new `output_dir`."
             )
-    with open(path, "w") as f:
-        json.dump(run, f, indent=2)
+    if chief:
+        _write_json(path, run)
+
+
+def _describe_model(model):
+    """A process-independent description of `model` for run.json (no memory addresses)."""
+    if isinstance(model, str):
+        return model
+    if isinstance(model, functools.partial):
+        args = [repr(a) for a in model.args] + [f"{k}={v!r}" for k, v in sorted(model.keywords.items())]
+        return f"{_describe_model(model.func)}({', '.join(args)})"
+    name = getattr(model, "__qualname__", None) or type(model).__qualname__
+    return f"{getattr(model, '__module__', None) or type(model).__module__}.{name}"
 
 
 def _build(model, weights, crop, num_classes):
@@ -192,7 +289,13 @@ def finetune(
         seed: seed of the few-shot draw, shuffling, augmentation, MixUp and
             random initialisation (sets Keras' global seed via
             `keras.utils.set_random_seed`).
-        strategy: a `tf.distribute.Strategy`; default `select_strategy()`.
+        strategy: a `tf.distribute.Strategy`; default `select_strategy()`:
+            `keras_bit.MultiWorkerStrategy` when `TF_CONFIG` names a cluster
+            (every worker runs the same call; `output_dir` must then be on
+            storage all workers share: the chief writes the backups, logs
+            and model, the others only restore from them), else
+            `MirroredStrategy` over the local GPUs. Each worker builds only its
+            share of every global batch (see `keras_bit.data.train_pipeline`).
         base_lr: learning rate at batch size 512 (0.003); scaled linearly to
             `batch_size`.
         mixup: MixUp alpha; None applies the hyper-rule (0.1 when the training
@@ -260,25 +363,36 @@ def finetune(
     backup_dir = os.path.join(output_dir, "backup")
     start_epoch = _resume_epoch(backup_dir)
     run = {
-        "model": model if isinstance(model, str) else getattr(model, "__name__", repr(model)),
+        "model": _describe_model(model),
         "weights": weights if weights is None else os.fspath(weights),
         "num_classes": dataset.num_classes, "batch_size": batch_size, "supports": list(supports),
         "resolution": [resize, crop], "seed": seed, "mixup": mixup_alpha, "examples_per_class": examples_per_class,
         "gradient_accumulation_steps": micro, "train_examples": n, "base_lr": base_lr, "learning_rate": lr,
         "data": dataset.name, "checkpoint_every": chunk, "replicas": strategy.num_replicas_in_sync,
     }
-    _check_resume(output_dir, run, resuming=start_epoch > 0)
-    with open(os.path.join(output_dir, "class_names.txt"), "w") as f:
-        f.write("\n".join(dataset.class_names) + "\n")
+    chief = is_chief(strategy)
+    _check_resume(output_dir, run, resuming=start_epoch > 0, chief=chief)
+    if chief:
+        with open(os.path.join(output_dir, "class_names.txt"), "w") as f:
+            f.write("\n".join(dataset.class_names) + "\n")
     logger.info("Fine-tuning on %d examples (%d classes) at %d/%d px, batch %d, %d steps, lr %.2e, mixup %.2f%s",
                 n, dataset.num_classes, resize, crop, batch_size, total, lr, mixup_alpha,
                 f"; resuming at step {start_epoch * chunk}" if start_epoch else "")
 
-    train_ds = data_lib.train_pipeline(train, dataset.num_classes, batch_size // micro, resize, crop, seed=seed,
-                                   mixup_alpha=mixup_alpha, start_step=start_epoch * chunk * micro)
+    def make_pipeline(**sharding):
+        return data_lib.train_pipeline(train, dataset.num_classes, batch_size // micro, resize, crop, seed=seed,
+                                       mixup_alpha=mixup_alpha, start_step=start_epoch * chunk * micro, **sharding)
+
+    if strategy.num_replicas_in_sync > 1:
+        train_ds = _distributed_train_input(strategy, make_pipeline, batch_size)
+    else:
+        train_ds = make_pipeline()
     if mixup_alpha and micro > 1:
         logger.info("MixUp mixes within each micro-batch of %d examples.", batch_size // micro)
-    eval_ds = data_lib.eval_pipeline(dataset.eval, dataset.num_classes, batch_size // micro, crop)
+    # Evaluation is split by element across workers (DATA, chosen explicitly: the
+    # in-memory source has no files to shard by); the metrics are all-reduced.
+    eval_ds = data_lib.eval_pipeline(dataset.eval, dataset.num_classes, batch_size // micro, crop).with_options(
+        _shard_options(tf.data.experimental.AutoShardPolicy.DATA))
 
     previous_policy = keras.config.dtype_policy()
     if mixed_precision:
@@ -297,12 +411,15 @@ def finetune(
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
                 jit_compile=bool(jit_compile),
             )
-        fit_callbacks = [
-            keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
-            keras.callbacks.CSVLogger(os.path.join(output_dir, "metrics.csv"), append=True),
-            keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
-            *callbacks,
-        ]
+        if chief:
+            fit_callbacks = [
+                keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True, delete_checkpoint=False),
+                keras.callbacks.CSVLogger(os.path.join(output_dir, "metrics.csv"), append=True),
+                keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
+            ]
+        else:
+            fit_callbacks = [_RestoreOnly(backup_dir, double_checkpoint=True, delete_checkpoint=False)]
+        fit_callbacks += list(callbacks)
         history = net.fit(train_ds, epochs=total // chunk, steps_per_epoch=chunk * micro,
                           callbacks=fit_callbacks, verbose=verbose, shuffle=False)
         scores = net.evaluate(eval_ds, verbose=0, return_dict=True)
@@ -311,11 +428,12 @@ def finetune(
             trained = keras.Model(net.input, probs, name=net.name)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    trained.save(os.path.join(output_dir, "model.keras"))
+    if chief:
+        trained.save(os.path.join(output_dir, "model.keras"))
     accuracy = float(scores["accuracy"])
     print(f"eval top-1 accuracy: {accuracy:.4f} ({len(dataset.eval)} examples, {total} steps)")
     export_path = None
-    if export_dir is not None:
+    if export_dir is not None and chief:
         from keras_bit.export import export_saved_model
 
         export_path = export_saved_model(trained, export_dir, class_names=dataset.class_names)

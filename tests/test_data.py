@@ -77,6 +77,27 @@ def test_train_pipeline_shapes_range_and_resume():
     assert not np.array_equal(other[0], x)
 
 
+def test_train_pipeline_shards_are_the_global_batches():
+    """Worker shards cut each global batch by position: together they are the one-process stream."""
+    images, labels = _arrays(n_per_class=5)
+    split = data.Split(images, labels, "arrays")
+    full = list(data.train_pipeline(split, 3, 8, 40, 32, seed=7, start_step=2).take(5).as_numpy_iterator())
+    shards = [
+        list(data.train_pipeline(split, 3, 8, 40, 32, seed=7, start_step=2, shard=(k, 2),
+                                 per_replica_batch_size=2).take(10).as_numpy_iterator())
+        for k in range(2)
+    ]
+    for step, (x, y) in enumerate(full):
+        # Worker k yields its 4 examples as two per-replica batches of 2, in order.
+        pieces = [shards[k][2 * step + r] for k in range(2) for r in range(2)]
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), x)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), y)
+    with pytest.raises(ValueError, match="Cannot take shard 0 of 3 of a global batch of 8"):
+        data.train_pipeline(split, 3, 8, 40, 32, shard=(0, 3))
+    with pytest.raises(ValueError, match="A share of 4 examples cannot be split into batches of 3"):
+        data.train_pipeline(split, 3, 8, 40, 32, shard=(1, 2), per_replica_batch_size=3)
+
+
 def test_train_pipeline_mixup_labels_are_soft():
     images, labels = _arrays(n_per_class=8)
     ds = data.train_pipeline(data.Split(images, labels, "arrays"), 3, 8, 16, 16, mixup_alpha=0.5)
