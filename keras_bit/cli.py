@@ -128,6 +128,8 @@ def build_parser():
     p.add_argument("--xla", action="store_true", help="compile the training step with XLA")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between backups")
     p.add_argument("--export-dir", default=None, help="also export a serving SavedModel under this folder")
+    p.add_argument("--tpu", default=None,
+                   help='train on a Cloud TPU with TPUStrategy: "local" on a TPU VM, else the TPU name or grpc:// address')
 
     p = sub.add_parser("export", help="export a .keras model as a TF-Serving SavedModel (raw-pixel signatures)")
     p.add_argument("model", help="a .keras file (e.g. a fine-tuning run's model.keras) or a BiT model name")
@@ -157,8 +159,9 @@ def main(argv=None):
         if args.command == "demo":
             demo(args.model, args.weights, args.top, args.size)
         elif args.command == "finetune":
-            from keras_bit.finetune import finetune
+            from keras_bit.finetune import finetune, tpu_strategy
 
+            strategy = tpu_strategy(args.tpu) if args.tpu else None
             result = finetune(
                 args.model, args.data, weights=args.weights, batch_size=args.batch_size, steps=args.steps,
                 resolution=args.resolution, output_dir=args.output_dir,
@@ -166,7 +169,7 @@ def main(argv=None):
                 mixup=args.mixup, split=args.split, eval_split=args.eval_split,
                 eval_fraction=args.eval_fraction, data_dir=args.data_dir, mixed_precision=args.mixed_precision,
                 gradient_accumulation_steps=args.grad_accum, jit_compile=args.xla,
-                checkpoint_every=args.checkpoint_every, export_dir=args.export_dir, verbose=2,
+                checkpoint_every=args.checkpoint_every, export_dir=args.export_dir, strategy=strategy, verbose=2,
             )
             print(f"model: {os.path.join(result.output_dir, 'model.keras')}")
             if result.export_path:

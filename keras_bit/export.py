@@ -13,6 +13,7 @@ centre crop), map pixels to [-1, 1] and return `probabilities`,
 the graph holds plain convolutions and no per-call kernel moments.
 """
 
+import functools
 import logging
 import os
 
@@ -22,10 +23,42 @@ import tensorflow as tf
 
 from keras_bit import cache, configs
 from keras_bit.layers import StandardizedConv2D, standardize_kernel
+from keras_bit.validation import check_positive_int
 
 logger = logging.getLogger("keras_bit")
 
 DEFAULT_EXPORT_DIR = "saved_models"
+# Largest image (after JPEG DCT down-scaling) the bytes signature decodes: about 0.6 GB
+# of working memory per image. Larger images are refused before they are decoded.
+DEFAULT_MAX_PIXELS = 40_000_000
+_JPEG_RATIOS = (1, 2, 4, 8)
+
+
+def _header_uint(data, offset, size, big_endian):
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, size), tf.uint8), tf.int64)
+    weights = tf.constant([256**i for i in range(size)], tf.int64)
+    return tf.reduce_sum(raw * (weights[::-1] if big_endian else weights))
+
+
+def _abs_int32(value):
+    return tf.where(value >= 2**31, 2**32 - value, value)
+
+
+def _header_size(data):
+    """`(height, width)` from a PNG, GIF or BMP header without decoding (0, 0 when unknown or too short)."""
+    length = tf.strings.length(data)
+
+    def when(condition, size_fn):
+        return tf.cond(condition, size_fn, lambda: tf.zeros([2], tf.int64))
+
+    png = tf.logical_and(length >= 24, tf.strings.substr(data, 0, 4, unit="BYTE") == b"\x89PNG")
+    gif = tf.logical_and(length >= 10, tf.strings.substr(data, 0, 4, unit="BYTE") == b"GIF8")
+    bmp = tf.logical_and(length >= 26, tf.strings.substr(data, 0, 2, unit="BYTE") == b"BM")
+    size = when(png, lambda: tf.stack([_header_uint(data, 20, 4, True), _header_uint(data, 16, 4, True)]))
+    size += when(gif, lambda: tf.stack([_header_uint(data, 8, 2, False), _header_uint(data, 6, 2, False)]))
+    # BMP heights are signed 32-bit (negative for top-down rows).
+    size += when(bmp, lambda: tf.stack([_abs_int32(_header_uint(data, 22, 4, False)), _header_uint(data, 18, 4, False)]))
+    return size
 
 
 def fold_standardization(model):
@@ -82,7 +115,7 @@ def next_version(base_dir):
 
 
 def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, version=None, class_names=None,
-                       top_k=5, image_size=None, fold=True):
+                       top_k=5, image_size=None, fold=True, max_pixels=DEFAULT_MAX_PIXELS):
     """Exports `model` as a TF-Serving SavedModel with raw-pixel and encoded-bytes signatures.
 
     Args:
@@ -97,6 +130,11 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         image_size: `(height, width)` to resize to; required when the model's
             input size is not fixed.
         fold: fold weight standardization into the kernels (recommended).
+        max_pixels: largest image `serving_bytes` decodes (height x width,
+            read from the file header before decoding; JPEGs count after the
+            1/2-1/8 DCT down-scaling used for images much larger than the
+            model's input). Larger images fail that request with an
+            InvalidArgumentError that says so; memory per image stays bounded.
 
     Returns:
         The path of the written version folder.
@@ -105,6 +143,7 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         >>> path = export_saved_model(result.model, class_names=result.class_names)
         >>> served = tf.saved_model.load(path).signatures["serving_bytes"]
     """
+    check_positive_int(max_pixels, "max_pixels")
     height, width = image_size or model.input_shape[1:3]
     if not height or not width:
         raise ValueError(
@@ -143,8 +182,31 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
     def from_images(images):
         return head(tf.image.resize(tf.cast(images, tf.float32), (height, width)))
 
+    def check_size(size):
+        pixels = size[0] * size[1]
+        tf.debugging.assert_less_equal(
+            pixels, tf.constant(max_pixels, tf.int64),
+            message=f"image_bytes: image too large to decode (height*width over the export's "
+                    f"max_pixels={max_pixels}); resize it before sending")
+
+    def decode_jpeg(data):
+        # Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale (in the DCT, so memory stays
+        # bounded) when that still leaves at least the model's input size.
+        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        fits = [tf.logical_and(shape[0] >= r * height, shape[1] >= r * width) for r in _JPEG_RATIOS]
+        branch = tf.reduce_max(tf.where(tf.stack(fits), tf.range(len(_JPEG_RATIOS)), 0))
+        ratio = tf.gather(tf.constant(_JPEG_RATIOS, tf.int64), branch)
+        check_size((shape[:2] + ratio - 1) // ratio)
+        return tf.switch_case(branch, [
+            functools.partial(tf.io.decode_jpeg, data, channels=3, ratio=r) for r in _JPEG_RATIOS])
+
+    def decode_other(data):
+        check_size(_header_size(data))
+        return tf.io.decode_image(data, channels=3, expand_animations=False)
+
     def decode_one(data):
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        is_jpeg = tf.strings.substr(data, 0, 3, unit="BYTE") == b"\xff\xd8\xff"
+        image = tf.cond(is_jpeg, lambda: decode_jpeg(data), lambda: decode_other(data))
         return tf.image.resize(tf.cast(image, tf.float32), (height, width))
 
     def from_bytes(image_bytes):

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -81,6 +82,22 @@ class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
             return parent.reduce(reduce_op, v, None if first.shape.rank == 0 else axis)
 
         return tf.nest.map_structure(reduce_one, value)
+
+
+def tpu_strategy(tpu="local"):
+    """Connects to a Cloud TPU and returns a `tf.distribute.TPUStrategy` for `finetune(strategy=...)`.
+
+    `tpu`: "local" on a TPU VM, else the TPU's name or `grpc://` address. TPU
+    workers read data through TensorFlow ops only, so the image source must be
+    a tfds dataset or files on storage they can reach (e.g. `gs://`).
+    """
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+        raise ValueError(f"Cannot connect to the TPU {tpu!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    return tf.distribute.TPUStrategy(resolver)
 
 
 def select_strategy(strategy=None):
@@ -174,9 +191,13 @@ def _check_output_dir(output_dir):
     parent = os.path.dirname(output_dir)
     if not os.path.isdir(parent):
         raise ValueError(f"The parent of `output_dir` does not exist: {parent}")
-    os.makedirs(output_dir, exist_ok=True)
-    if not os.access(output_dir, os.W_OK):
-        raise ValueError(f"`output_dir` is not writable: {output_dir}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        # A real write, not os.access: root passes access checks on read-only file systems.
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"`output_dir` is not writable: {output_dir} ({e.strerror or e})") from e
     return output_dir
 
 

@@ -180,3 +180,44 @@ def test_export_and_predict_commands(model, tmp_path, rng, capsys):
     assert "class_" in capsys.readouterr().out
     assert main(["predict", str(tmp_path / "missing.png"), "--model", exported]) == 2
     assert "Image file(s) not found" in capsys.readouterr().err
+
+
+def test_bytes_signature_bounds_memory_for_huge_images(model, tmp_path, rng):
+    served = tf.saved_model.load(export_saved_model(model, tmp_path, class_names=CLASS_NAMES, max_pixels=300_000))
+    bytes_fn = served.signatures["serving_bytes"]
+    small = _encode(_uint8(rng, 1, 40, 30)[0], "PNG")
+    # A PNG whose header claims 100000 x 100000 pixels (30 GB decoded) is refused from the
+    # header alone: the payload is a small image's, so a decode attempt would fail differently.
+    huge = small[:16] + (100_000).to_bytes(4, "big") + (100_000).to_bytes(4, "big") + small[24:]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image too large to decode .*max_pixels=300000"):
+        bytes_fn(image_bytes=tf.constant([huge]))
+    bmp = _encode(_uint8(rng, 1, 600, 700)[0], "BMP")  # 420k pixels > 300k
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels=300000"):
+        bytes_fn(image_bytes=tf.constant([bmp]))
+    gif = _encode(_uint8(rng, 1, 20, 30)[0], "GIF")
+    assert bytes_fn(image_bytes=tf.constant([gif]))["probabilities"].shape == (1, 5)
+    # A 1200 x 1000 JPEG (1.2M pixels, over the limit at full size) is decoded at 1/8 scale in
+    # the DCT (150 x 125, still >= the 64 x 64 input): exactly the model on those pixels...
+    image = np.kron(rng.integers(0, 256, size=(12, 10, 3)), np.ones((100, 100, 1))).astype(np.uint8)
+    jpeg = _encode(image, "JPEG")
+    probs = bytes_fn(image_bytes=tf.constant([jpeg]))["probabilities"].numpy()
+    scaled = tf.io.decode_jpeg(jpeg, channels=3, ratio=8)[None]
+    np.testing.assert_allclose(probs, _keras_probs(model, scaled), atol=1e-5)
+    # ... which, at the model's size, are the full-size image's pixels: within one grey level
+    # for most pixels (only the sharp edges between the random-colour blocks resample differently).
+    full = tf.image.resize(tf.cast(tf.io.decode_jpeg(jpeg, channels=3)[None], tf.float32), (TINY_SIZE, TINY_SIZE),
+                           antialias=True)
+    difference = np.abs(tf.image.resize(tf.cast(scaled, tf.float32), (TINY_SIZE, TINY_SIZE)) - full)
+    assert np.median(difference) <= 1.0
+    # The next request is served normally.
+    assert bytes_fn(image_bytes=tf.constant([small]))["probabilities"].shape == (1, 5)
+    with pytest.raises(ValueError, match="`max_pixels` must be a positive integer"):
+        export_saved_model(model, tmp_path, class_names=CLASS_NAMES, max_pixels=0)
+
+
+def test_signatures_accept_an_empty_batch(model, tmp_path):
+    served = tf.saved_model.load(export_saved_model(model, tmp_path, class_names=CLASS_NAMES))
+    out = served.signatures["serving_default"](images=tf.zeros([0, 50, 50, 3], tf.uint8))
+    assert out["probabilities"].shape == (0, 5) and out["top_k_labels"].shape == (0, 5)
+    out = served.signatures["serving_bytes"](image_bytes=tf.constant([], tf.string))
+    assert out["probabilities"].shape == (0, 5)

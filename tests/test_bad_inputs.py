@@ -1,0 +1,106 @@
+"""The rest of the bad-input matrix: each case gets a clear error (or a finite answer), never a silent mix.
+
+Cases tested elsewhere, by the module that owns them:
+- model building (unknown names, input < 32 px, 1 or 4 channels with pretrained
+  weights, classes <= 0): test_resnet_v2.py::test_argument_errors;
+- checkpoints (truncated, corrupt, wrong architecture, wrong dtype, NaN, nothing
+  half-loaded): test_checkpoints.py;
+- data (empty folder, non-image files, a class below K examples, labels out of
+  range): test_data.py;
+- serving (corrupt bytes, wrong dtype/rank, empty batch, huge images): test_export.py;
+- fine-tuning (missing output-dir parent, resuming with other settings): test_finetune.py.
+"""
+
+import functools
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_bit
+from helpers import TINY, images, tiny_checkpoint, tiny_model
+from keras_bit.layers import StandardizedConv2D
+from test_finetune import TINY_BUILDER, _Crash, _run, learnable
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs Linux /proc")
+@pytest.mark.parametrize("path", ["/proc/sys", "/proc/keras_bit_run"])
+def test_unwritable_output_dir_is_refused_before_training(path):
+    # /proc refuses new files even to root (CI runs as root, where chmod would not stop a write).
+    with pytest.raises(ValueError, match=f"`output_dir` is not writable: {path}"):
+        keras_bit.finetune(TINY_BUILDER, learnable(), output_dir=path, steps=5, batch_size=8)
+
+
+def test_unwritable_output_dir_without_root(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only directories; covered by the /proc cases")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ValueError, match="`output_dir` is not writable"):
+        keras_bit.finetune(TINY_BUILDER, learnable(), output_dir=locked, steps=5, batch_size=8)
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "r", steps=10, checkpoint_every=2, callbacks=[_Crash(after_batches=3)])
+    wider = functools.partial(keras_bit.ResNetV2, **dict(TINY, width_factor=2))
+    with pytest.raises(ValueError, match=r"holds a backup of a different run \(model: .*ResNetV2\(.*width_factor=2"):
+        keras_bit.finetune(wider, learnable(), output_dir=tmp_path / "r", steps=10, checkpoint_every=2, batch_size=8,
+                           resolution=(36, 32), base_lr=0.5, verbose=0)
+    # The backup is untouched: the original run still resumes and completes.
+    assert _run(tmp_path, "r", steps=10, checkpoint_every=2).steps == 10
+
+
+def test_tpu_flag_without_a_tpu_is_one_clear_line(capsys):
+    from keras_bit import cli
+
+    assert cli.main(["finetune", "--tpu", "local", "--steps", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("keras-bit finetune: error: Cannot connect to the TPU 'local'")
+
+
+@pytest.mark.parametrize("value", [0, 255, 127])
+def test_all_constant_images_give_finite_distinct_free_outputs(tmp_path, value):
+    # Every GroupNorm sees zero variance somewhere (constant image => constant root features).
+    tiny_checkpoint(tmp_path / "t.npz", classes=10)
+    model = tiny_model(weights=str(tmp_path / "t.npz"), classes=10)
+    x = keras_bit.preprocess_input(np.full((2, 64, 64, 3), value, np.float32))
+    probs = model.predict(x, verbose=0)
+    assert np.all(np.isfinite(probs))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_all_zero_kernel_gives_zeros_and_finite_gradients(rng):
+    conv = StandardizedConv2D(8, 3)
+    x = tf.constant(images(rng, 2, 16))
+    conv.build(x.shape)
+    conv.kernel.assign(np.zeros(conv.kernel.shape, np.float32))
+    with tf.GradientTape() as tape:
+        y = conv(x)
+        loss = tf.reduce_sum(y * y) + tf.reduce_sum(y)
+    grad = tape.gradient(loss, conv.kernel)
+    np.testing.assert_array_equal(y.numpy(), 0.0)
+    assert np.all(np.isfinite(grad.numpy()))
+    # The same through a whole model: zeroed kernels everywhere, finite outputs.
+    model = tiny_model(classes=3)
+    model.set_weights([np.zeros_like(w) if w.ndim == 4 else w for w in model.get_weights()])
+    assert np.all(np.isfinite(model.predict(images(rng), verbose=0)))
+
+
+def test_mixed_float16_long_run_keeps_loss_scaling_and_finite_values(tmp_path):
+    result = _run(tmp_path, steps=60, checkpoint_every=30, mixed_precision="mixed_float16", base_lr=1.0)
+    assert keras.config.dtype_policy().name == "float32"  # restored after the run
+    losses = result.history["loss"]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(np.all(np.isfinite(w.numpy())) for w in result.model.weights)
+    assert result.eval_accuracy >= 0.8
+    # Loss scaling was in place: the backed-up optimizer is a LossScaleOptimizer (its SGD is
+    # saved as `inner_optimizer`, beside the dynamic scale's own variables).
+    import h5py
+
+    with h5py.File(tmp_path / "run" / "backup" / "latest.weights.h5") as f:
+        names = []
+        f.visit(names.append)
+    assert "optimizer/inner_optimizer/vars" in names, [n for n in names if n.startswith("optimizer")][:5]
