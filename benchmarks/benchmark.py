@@ -229,7 +229,19 @@ def training(size, batch, steps, warmup=3):
 
 
 def checkpoint_load(repeats):
-    """Seconds to build BiT-M-R50x1 and load an official-layout 21k .npz (68M parameters)."""
+    """Seconds to build BiT-M-R50x1 and load an official-layout 21k .npz (68M parameters), and the peak RSS.
+
+    Runs in a fresh Python process so that its peak RSS is the load's own
+    (TensorFlow + model + checkpoint), not the rest of the suite's.
+    """
+    import subprocess
+
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--load-child", str(repeats)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _load_child(repeats):
     import reference
 
     d = reference.random_checkpoint((3, 4, 6, 3), width=1, classes=21843)
@@ -238,7 +250,8 @@ def checkpoint_load(repeats):
         np.savez(path, **d)
         del d
         seconds = _median_seconds(lambda: keras_bit.BiT("BiT-M-R50x1", weights=path), repeats, warmup=1)
-    return {"what": "BiT-M-R50x1 build + load official .npz (21843 classes)", "seconds": seconds}
+    print(json.dumps({"what": "BiT-M-R50x1 build + load official .npz (21843 classes)", "seconds": seconds,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def profile(size=224, batch=16, policy="float32", runs=3, top=12):
@@ -271,10 +284,18 @@ def profile(size=224, batch=16, policy="float32", runs=3, top=12):
                     op = label.split("=", 1)[1].split("(")[0].strip() if "=" in label else node.node_name
                     totals[op] += node.op_end_rel_micros - node.op_start_rel_micros
     total = sum(totals.values())
+    # What the unfolded model adds per call (per replica in training): standardizing every kernel.
+    from keras_bit.layers import StandardizedConv2D, standardize_kernel
+
+    kernels = [layer.kernel for layer in model.layers if isinstance(layer, StandardizedConv2D)]
+    standardize_all = tf.function(lambda: [standardize_kernel(k) for k in kernels])
+    ws_ms = 1000 * _median_seconds(lambda: [t.numpy() for t in standardize_all()], runs)
     return {
         "size": size,
         "batch": batch,
         "policy": policy,
+        "ws_ms_per_call": ws_ms,
+        "ws_parameters": int(sum(np.prod(k.shape) for k in kernels)),
         "ms_per_batch": total / runs / 1000,
         "top_ops": [
             {"op": op, "ms": micros / runs / 1000, "share": micros / total} for op, micros in totals.most_common(top)
@@ -299,12 +320,15 @@ def _print_table(report):
         print(f"\nmixed_bfloat16 vs float32, {b['images']} random {b['size']} px images: "
               f"top-1 agreement {100 * b['top1_agreement']:.1f}%, max |p32 - p16| {b['max_prob_diff']:.4f}")
     for p in report.get("profile", []):
-        print(f"\nprofile {p['policy']} {p['size']} px batch {p['batch']}: {p['ms_per_batch']:.0f} ms of op time")
+        print(f"\nprofile {p['policy']} {p['size']} px batch {p['batch']}: {p['ms_per_batch']:.0f} ms of op time "
+              f"(WS precomputed; standardizing all {p['ws_parameters']:,} kernel weights costs "
+              f"{p['ws_ms_per_call']:.1f} ms per call when it is not)")
         for op in p["top_ops"]:
             print(f"  {op['op']:<40} {op['ms']:8.1f} ms {100 * op['share']:5.1f}%")
     if "load" in report:
         print(f"\n{report['load']['what']:<60} {report['load']['seconds']:8.2f} s")
-    print(f"{'peak RSS':<60} {info['peak_rss_mb']:8.0f} MB")
+        print(f"{'  peak RSS of that process (TF + model + checkpoint)':<60} {report['load']['peak_rss_mb']:8.0f} MB")
+    print(f"{'peak RSS of the whole suite (every model it built)':<60} {info['peak_rss_mb']:8.0f} MB")
 
 
 SECTIONS = ("inference", "training", "bf16", "load", "profile")
@@ -315,7 +339,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="224 px batch 16 only, fewer repeats")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
+    parser.add_argument("--load-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.load_child:
+        return _load_child(args.load_child)
     sections = args.only or (("inference", "training", "load") if args.quick else SECTIONS)
 
     repeats = 3 if args.quick else 5

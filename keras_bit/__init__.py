@@ -9,8 +9,8 @@ from keras_bit import data, hyperrule
 from keras_bit.cache import DownloadError
 from keras_bit.checkpoints import convert, load_weights, save_npz
 from keras_bit.configs import MODEL_NAMES
-from keras_bit.export import export_saved_model
-from keras_bit.finetune import FinetuneResult, MultiWorkerStrategy, finetune
+from keras_bit.export import export_saved_model, fold_standardization
+from keras_bit.finetune import FinetuneResult, MultiWorkerStrategy, finetune, tpu_strategy
 from keras_bit.imagenet import decode_predictions, preprocess_input
 from keras_bit.layers import GroupNormalization, StandardizedConv2D
 from keras_bit.resnet_v2 import (
@@ -60,8 +60,10 @@ __all__ = [
     "export_saved_model",
     "feature_model",
     "finetune",
+    "fold_standardization",
     "hyperrule",
     "load_weights",
     "preprocess_input",
     "save_npz",
+    "tpu_strategy",
 ]

@@ -169,9 +169,13 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
     softmax = not _outputs_probabilities(model)
     labels = tf.constant(list(class_names)) if class_names is not None else None
 
+    def run_model(x):
+        return tf.cast(served(x, training=False), tf.float32)
+
     def head(pixels):
         x = pixels / 127.5 - 1.0  # keras_bit.preprocess_input, inlined so the graph needs no keras_bit
-        scores = tf.cast(served(x, training=False), tf.float32)
+        # An empty batch skips the network: TF's oneDNN convolutions mis-shape empty inputs.
+        scores = tf.cond(tf.shape(x)[0] > 0, lambda: run_model(x), lambda: tf.zeros([0, classes], tf.float32))
         probabilities = tf.nn.softmax(scores) if softmax else scores
         top = tf.math.top_k(probabilities, k=top_k)
         outputs = {"probabilities": probabilities, "top_k_indices": top.indices, "top_k_scores": top.values}

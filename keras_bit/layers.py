@@ -148,9 +148,10 @@ class GroupNormalization(keras.layers.GroupNormalization):
         channels = inputs.shape[-1]
         per_group = channels // self.groups
         x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        batch = ops.shape(x)[0]  # explicit, not -1: a reshape cannot infer -1 for an empty batch
         channel_mean, channel_var = ops.moments(x, axes=(1, 2))
-        channel_mean = ops.reshape(channel_mean, (-1, self.groups, per_group))
-        channel_var = ops.reshape(channel_var, (-1, self.groups, per_group))
+        channel_mean = ops.reshape(channel_mean, (batch, self.groups, per_group))
+        channel_var = ops.reshape(channel_var, (batch, self.groups, per_group))
         mean = ops.mean(channel_mean, axis=-1, keepdims=True)
         var = ops.mean(channel_var + ops.square(channel_mean - mean), axis=-1, keepdims=True)
         scale = ops.rsqrt(var + self.epsilon)
@@ -161,5 +162,5 @@ class GroupNormalization(keras.layers.GroupNormalization):
         shift = -mean * scale
         if self.center:
             shift = shift + ops.reshape(ops.cast(self.beta, x.dtype), (self.groups, per_group))
-        outputs = x * ops.reshape(scale, (-1, 1, 1, channels)) + ops.reshape(shift, (-1, 1, 1, channels))
+        outputs = x * ops.reshape(scale, (batch, 1, 1, channels)) + ops.reshape(shift, (batch, 1, 1, channels))
         return ops.cast(outputs, self.compute_dtype)

@@ -58,10 +58,10 @@ def predict_files(paths, model, top=5):
             labels = out["top_k_labels"].numpy()
             names = {int(i): lab.decode() for row_i, row_l in zip(index, labels) for i, lab in zip(row_i, row_l)}
     else:
-        from keras_bit.export import imagenet_class_names
+        from keras_bit.export import fold_standardization, imagenet_class_names
         from keras_bit.imagenet import preprocess_input
 
-        net = load_model(model)
+        net = fold_standardization(load_model(model))  # weight standardization precomputed once
         height, width = net.input_shape[1:3]
         images = [tf.image.resize(tf.io.decode_image(b, channels=3, expand_animations=False), (height, width))
                   for b in blobs]
