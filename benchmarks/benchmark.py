@@ -190,7 +190,8 @@ def training(size, batch, steps, warmup=3):
                 jit_compile=jit_compile,
             )
         stamps = []
-        callback = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: stamps.append(time.perf_counter()))
+        callback = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs=None: stamps.append(time.perf_counter()))
         model.fit(data, steps_per_epoch=warmup + steps, epochs=1, callbacks=[callback], verbose=0)
         return batch / statistics.median(np.diff(stamps[warmup - 1:]))
 
@@ -251,7 +252,16 @@ def _load_child(repeats):
         del d
         seconds = _median_seconds(lambda: keras_bit.BiT("BiT-M-R50x1", weights=path), repeats, warmup=1)
     print(json.dumps({"what": "BiT-M-R50x1 build + load official .npz (21843 classes)", "seconds": seconds,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": _own_peak_rss_mb()}))
+
+
+def _own_peak_rss_mb():
+    # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak over exec.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def profile(size=224, batch=16, policy="float32", runs=3, top=12):
@@ -303,10 +313,24 @@ def profile(size=224, batch=16, policy="float32", runs=3, top=12):
     }
 
 
+def matmul_peak(n=4096, repeats=5):
+    """GFLOP/s of one n x n x n float32 and bfloat16 matmul: the machine's compute ceiling for convolutions."""
+    out = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        a = tf.cast(tf.random.normal((n, n)), dtype)
+        fn = tf.function(lambda: tf.matmul(a, a))
+        out[dtype.name] = 2 * n**3 / _median_seconds(lambda: fn().numpy(), repeats) / 1e9
+    return out
+
+
 def _print_table(report):
     info = report["info"]
     print(f"keras_bit {info['keras_bit']}, TF {info['tensorflow']}, Keras {info['keras']}, "
           f"torch {info['torch']}, {info['cpus']} CPUs ({info['machine']})")
+    if "matmul_gflops" in report:
+        peak = report["matmul_gflops"]
+        print(f"matmul peak: float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} GFLOP/s "
+              f"(R50x1 at 224 px = 8.46 GFLOP/image: float32 ceiling {peak['float32'] / 8.46:.1f} img/s)")
     for section in report.get("inference", []) + report.get("training", []):
         kind = "training" if section in report.get("training", []) else "inference"
         print(f"\nR50x1 {kind}, {section['size']} px, batch {section['batch']} (img/s)")
@@ -347,7 +371,7 @@ def main(argv=None):
 
     repeats = 3 if args.quick else 5
     configs = [(224, 16)] if args.quick else [(224, 16), (224, 1), (128, 16), (128, 1)]
-    report = {}
+    report = {"matmul_gflops": matmul_peak()}
     if "inference" in sections:
         report["inference"] = [inference(size, batch, repeats, quick=args.quick) for size, batch in configs]
     if "training" in sections:

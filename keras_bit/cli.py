@@ -129,7 +129,7 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between backups")
     p.add_argument("--export-dir", default=None, help="also export a serving SavedModel under this folder")
     p.add_argument("--tpu", default=None,
-                   help='train on a Cloud TPU with TPUStrategy: "local" on a TPU VM, else the TPU name or grpc:// address')
+                   help='train on a Cloud TPU (TPUStrategy): "local" on a TPU VM, else its name or grpc:// address')
 
     p = sub.add_parser("export", help="export a .keras model as a TF-Serving SavedModel (raw-pixel signatures)")
     p.add_argument("model", help="a .keras file (e.g. a fine-tuning run's model.keras) or a BiT model name")

@@ -57,7 +57,8 @@ def _header_size(data):
     size = when(png, lambda: tf.stack([_header_uint(data, 20, 4, True), _header_uint(data, 16, 4, True)]))
     size += when(gif, lambda: tf.stack([_header_uint(data, 8, 2, False), _header_uint(data, 6, 2, False)]))
     # BMP heights are signed 32-bit (negative for top-down rows).
-    size += when(bmp, lambda: tf.stack([_abs_int32(_header_uint(data, 22, 4, False)), _header_uint(data, 18, 4, False)]))
+    size += when(bmp, lambda: tf.stack([_abs_int32(_header_uint(data, 22, 4, False)),
+                                        _header_uint(data, 18, 4, False)]))
     return size
 
 

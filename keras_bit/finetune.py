@@ -405,7 +405,7 @@ def finetune(
                                        mixup_alpha=mixup_alpha, start_step=start_epoch * chunk * micro, **sharding)
 
     if strategy.num_replicas_in_sync > 1:
-        train_ds = _distributed_train_input(strategy, make_pipeline, batch_size)
+        train_ds = _distributed_train_input(strategy, make_pipeline, batch_size // micro)
     else:
         train_ds = make_pipeline()
     if mixup_alpha and micro > 1:
