@@ -148,7 +148,7 @@ class GroupNormalization(keras.layers.GroupNormalization):
         channels = inputs.shape[-1]
         per_group = channels // self.groups
         x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
-        batch = ops.shape(x)[0]  # explicit, not -1: a reshape cannot infer -1 for an empty batch
+        batch = ops.shape(x)[0]
         channel_mean, channel_var = ops.moments(x, axes=(1, 2))
         channel_mean = ops.reshape(channel_mean, (batch, self.groups, per_group))
         channel_var = ops.reshape(channel_var, (batch, self.groups, per_group))
