@@ -188,9 +188,9 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         return head(tf.image.resize(tf.cast(images, tf.float32), (height, width)))
 
     def check_size(size):
-        pixels = size[0] * size[1]
-        tf.debugging.assert_less_equal(
-            pixels, tf.constant(max_pixels, tf.int64),
+        # Returned so that decoding can depend on it: the check must run before, not beside, the decoder.
+        return tf.debugging.assert_less_equal(
+            size[0] * size[1], tf.constant(max_pixels, tf.int64),
             message=f"image_bytes: image too large to decode (height*width over the export's "
                     f"max_pixels={max_pixels}); resize it before sending")
 
@@ -201,13 +201,13 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         fits = [tf.logical_and(shape[0] >= r * height, shape[1] >= r * width) for r in _JPEG_RATIOS]
         branch = tf.reduce_max(tf.where(tf.stack(fits), tf.range(len(_JPEG_RATIOS)), 0))
         ratio = tf.gather(tf.constant(_JPEG_RATIOS, tf.int64), branch)
-        check_size((shape[:2] + ratio - 1) // ratio)
-        return tf.switch_case(branch, [
-            functools.partial(tf.io.decode_jpeg, data, channels=3, ratio=r) for r in _JPEG_RATIOS])
+        with tf.control_dependencies([check_size((shape[:2] + ratio - 1) // ratio)]):
+            return tf.switch_case(branch, [
+                functools.partial(tf.io.decode_jpeg, data, channels=3, ratio=r) for r in _JPEG_RATIOS])
 
     def decode_other(data):
-        check_size(_header_size(data))
-        return tf.io.decode_image(data, channels=3, expand_animations=False)
+        with tf.control_dependencies([check_size(_header_size(data))]):
+            return tf.io.decode_image(data, channels=3, expand_animations=False)
 
     def decode_one(data):
         is_jpeg = tf.strings.substr(data, 0, 3, unit="BYTE") == b"\xff\xd8\xff"
