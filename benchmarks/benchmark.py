@@ -331,8 +331,7 @@ def _print_table(report):
         peak = report["matmul_gflops"]
         print(f"matmul peak: float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} GFLOP/s "
               f"(R50x1 at 224 px = 8.46 GFLOP/image: float32 ceiling {peak['float32'] / 8.46:.1f} img/s)")
-    for section in report.get("inference", []) + report.get("training", []):
-        kind = "training" if section in report.get("training", []) else "inference"
+    for kind, section in [(kind, s) for kind in ("inference", "training") for s in report.get(kind, [])]:
         print(f"\nR50x1 {kind}, {section['size']} px, batch {section['batch']} (img/s)")
         for name, value in section["img_per_s"].items():
             print(f"  {name:<58} {value:8.2f}")

@@ -59,7 +59,9 @@ class Dataset:
 def _check_labels(labels, num_classes, where):
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{where}: labels must be a 1D integer array. Received shape {labels.shape}, dtype {labels.dtype}")
+        raise ValueError(
+            f"{where}: labels must be a 1D integer array. Received shape {labels.shape}, dtype {labels.dtype}"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"{where}: labels must be in [0, {num_classes - 1}]. Received labels in "

@@ -380,6 +380,7 @@ def finetune(
     lr = hyperrule.scaled_lr(batch_size, base_lr)
     chunk = _chunk_size(total, checkpoint_every or max(1, total // 10))
     micro = gradient_accumulation_steps
+    micro_batch = batch_size // micro  # examples per model call: per step, or per accumulated micro-step
 
     backup_dir = os.path.join(output_dir, "backup")
     start_epoch = _resume_epoch(backup_dir)
@@ -401,18 +402,18 @@ def finetune(
                 f"; resuming at step {start_epoch * chunk}" if start_epoch else "")
 
     def make_pipeline(**sharding):
-        return data_lib.train_pipeline(train, dataset.num_classes, batch_size // micro, resize, crop, seed=seed,
+        return data_lib.train_pipeline(train, dataset.num_classes, micro_batch, resize, crop, seed=seed,
                                        mixup_alpha=mixup_alpha, start_step=start_epoch * chunk * micro, **sharding)
 
     if strategy.num_replicas_in_sync > 1:
-        train_ds = _distributed_train_input(strategy, make_pipeline, batch_size // micro)
+        train_ds = _distributed_train_input(strategy, make_pipeline, micro_batch)
     else:
         train_ds = make_pipeline()
     if mixup_alpha and micro > 1:
-        logger.info("MixUp mixes within each micro-batch of %d examples.", batch_size // micro)
+        logger.info("MixUp mixes within each micro-batch of %d examples.", micro_batch)
     # Evaluation is split by element across workers (DATA, chosen explicitly: the
     # in-memory source has no files to shard by); the metrics are all-reduced.
-    eval_ds = data_lib.eval_pipeline(dataset.eval, dataset.num_classes, batch_size // micro, crop).with_options(
+    eval_ds = data_lib.eval_pipeline(dataset.eval, dataset.num_classes, micro_batch, crop).with_options(
         _shard_options(tf.data.experimental.AutoShardPolicy.DATA))
 
     previous_policy = keras.config.dtype_policy()

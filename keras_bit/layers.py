@@ -115,9 +115,10 @@ class GroupNormalization(keras.layers.GroupNormalization):
     valid because every channel of a group has the same number of elements),
     and applied as one per-(sample, channel) scale and shift. Keras' generic
     path reduces a 5D tensor over non-adjacent axes, which on CPU cost more
-    than a quarter of BiT-R50x1's inference time; this path makes the layer
-    about 3x cheaper (see benchmarks/RESULTS.md). Other ranks and layouts use
-    Keras' implementation unchanged.
+    than a quarter of BiT-R50x1's inference time; this path cuts that
+    reduction ~3x and GroupNorm's share of the profile from 37% to 24% (see
+    benchmarks/RESULTS.md). Other ranks and layouts use Keras' implementation
+    unchanged.
 
     Statistics and the normalisation run in float32 (float64 for float64
     inputs) for any input dtype, and the variance is never computed as

@@ -7,7 +7,7 @@ import pytest
 import keras_bit
 import reference
 from helpers import TINY, TINY_SIZE, images, tiny_checkpoint, tiny_model
-from keras_bit import checkpoints, configs
+from keras_bit import configs
 from keras_bit.checkpoints import checkpoint_scope
 
 R50 = (3, 4, 6, 3)

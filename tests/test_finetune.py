@@ -103,7 +103,7 @@ def test_mixed_precision_run(tmp_path, policy):
 
 
 def test_few_shot_run(tmp_path):
-    result = _run(tmp_path, steps=5, examples_per_class=4, seed=3)
+    _run(tmp_path, steps=5, examples_per_class=4, seed=3)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["train_examples"] == 12
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import keras_bit
 import reference
-from helpers import TINY, TINY_SIZE, images, tiny_checkpoint, tiny_model
+from helpers import TINY_SIZE, images, tiny_checkpoint, tiny_model
 from keras_bit import configs
 
 # (no head, 1000 classes, 21843 classes), from the authors' architecture (issue table).
