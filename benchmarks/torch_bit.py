@@ -42,6 +42,7 @@ class PreActBottleneck(nn.Module):
 class ResNetV2(nn.Module):
     def __init__(self, block_units=(3, 4, 6, 3), width=1, classes=1000):
         super().__init__()
+        self.block_units = tuple(block_units)
         root = 64 * width
         self.root = nn.Sequential(
             StdConv2d(3, root, 7, stride=2, padding=3, bias=False),
@@ -59,6 +60,42 @@ class ResNetV2(nn.Module):
         self.gn = nn.GroupNorm(32, cin, eps=1e-5)
         self.head = nn.Conv2d(cin, classes, 1)
 
+    def features(self, x):
+        """The pooled pre-head features, `(batch, channels)`."""
+        return F.relu(self.gn(self.body(self.root(x)))).mean(dim=(2, 3))
+
     def forward(self, x):
-        x = F.relu(self.gn(self.body(self.root(x))))
-        return self.head(x.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        return self.head(self.features(x)[:, :, None, None]).flatten(1)
+
+
+def load_official(model, weights):
+    """Copies an official-layout BiT checkpoint (`.npz` key -> array, HWIO kernels) into `model`.
+
+    The same random checkpoint then runs in both frameworks, so the benchmark
+    can check that this baseline computes the function keras_bit computes and
+    compare the two frameworks' bfloat16 numerics on equal terms.
+    """
+
+    def conv(module, key):
+        kernel = weights[f"{key}/standardized_conv2d/kernel"]
+        module.weight.data = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+
+    def gn(module, key):
+        module.weight.data = torch.from_numpy(weights[f"{key}/group_norm/gamma"].copy())
+        module.bias.data = torch.from_numpy(weights[f"{key}/group_norm/beta"].copy())
+
+    conv(model.root[0], "resnet/root_block")
+    units = iter(model.body)
+    for b, count in enumerate(model.block_units, start=1):
+        for u in range(1, count + 1):
+            unit, prefix = next(units), f"resnet/block{b}/unit{u:02d}"
+            for letter, norm, convolution in (("a", unit.gn1, unit.conv1), ("b", unit.gn2, unit.conv2),
+                                              ("c", unit.gn3, unit.conv3)):
+                gn(norm, f"{prefix}/{letter}")
+                conv(convolution, f"{prefix}/{letter}")
+            if unit.downsample is not None:
+                conv(unit.downsample, f"{prefix}/a/proj")
+    gn(model.gn, "resnet")
+    model.head.weight.data = torch.from_numpy(weights["resnet/head/conv2d/kernel"].transpose(3, 2, 0, 1).copy())
+    model.head.bias.data = torch.from_numpy(weights["resnet/head/conv2d/bias"].copy())
+    return model
