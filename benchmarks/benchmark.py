@@ -164,8 +164,18 @@ def _bf16_copy(model, size):
     return copy
 
 
-def _top1(model, x):
-    return np.asarray(keras.ops.argmax(model(x, training=False), axis=-1))
+def _with_features(model):
+    """`model` with a second output, the pooled pre-head features, so one call gives both."""
+    return keras.Model(model.input, [model.output, model.get_layer("avg_pool").output])
+
+
+def _top1_and_features(model, x):
+    probabilities, features = model(x, training=False)
+    return np.argmax(keras.ops.convert_to_numpy(probabilities), -1), np.asarray(tf.cast(features, tf.float32))
+
+
+def _max_relative_error(values, reference):
+    return float(np.abs(values - reference).max() / np.abs(reference).max())
 
 
 def bf16_agreement(size=128, images=512, batch=32):
@@ -180,33 +190,30 @@ def bf16_agreement(size=128, images=512, batch=32):
     """
     model = _build(size)
     _real_scale_weights(model)
-    bf16 = _bf16_copy(model, size)
-    features = keras.Model(model.input, model.get_layer("avg_pool").output)
-    features_bf16 = keras.Model(bf16.input, bf16.get_layer("avg_pool").output)
+    float32 = _with_features(model)
+    bfloat16 = _with_features(_bf16_copy(model, size))
     net = _torch_model() if torch is not None else None
     agree = collections.Counter()
     error = collections.defaultdict(float)
     for start in range(0, images, batch):
         x = _images(batch, size, seed=start + 1)
-        top1 = _top1(model, x)
-        agree["bf16"] += int(np.sum(top1 == _top1(bf16, x)))
+        top1, features = _top1_and_features(float32, x)
+        top1_bf16, features_bf16 = _top1_and_features(bfloat16, x)
+        agree["bf16"] += int(np.sum(top1 == top1_bf16))
         x_rounded = tf.cast(tf.cast(x, tf.bfloat16), tf.float32)
-        agree["fp32 on bf16-rounded inputs"] += int(np.sum(top1 == _top1(model, x_rounded)))
-        f32 = features(x, training=False).numpy()
-        f16 = tf.cast(features_bf16(x, training=False), tf.float32).numpy()
-        error["bf16 feature"] = max(error["bf16 feature"], float(np.abs(f16 - f32).max() / np.abs(f32).max()))
+        agree["fp32 on bf16-rounded inputs"] += int(np.sum(top1 == _top1_and_features(float32, x_rounded)[0]))
+        error["bf16 feature"] = max(error["bf16 feature"], _max_relative_error(features_bf16, features))
         if net is not None:
             with torch.no_grad():
                 x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-                torch_top1 = net(x_torch).argmax(-1).numpy()
+                torch_features = net.features(x_torch)
+                torch_top1 = net.logits(torch_features).argmax(-1).numpy()
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     torch_top1_bf16 = net(x_torch).argmax(-1).numpy()
-                agree["PyTorch bf16 autocast vs PyTorch fp32"] += int(np.sum(torch_top1 == torch_top1_bf16))
-                torch_features = net.features(x_torch).numpy()
+            agree["PyTorch bf16 autocast vs PyTorch fp32"] += int(np.sum(torch_top1 == torch_top1_bf16))
             agree["PyTorch fp32 vs keras_bit fp32"] += int(np.sum(torch_top1 == top1))
-            error["PyTorch fp32 feature"] = max(
-                error["PyTorch fp32 feature"], float(np.abs(torch_features - f32).max() / np.abs(f32).max())
-            )
+            error["PyTorch fp32 feature"] = max(error["PyTorch fp32 feature"],
+                                                _max_relative_error(torch_features.numpy(), features))
     return {
         "size": size,
         "images": images,

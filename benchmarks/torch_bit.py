@@ -64,8 +64,12 @@ class ResNetV2(nn.Module):
         """The pooled pre-head features, `(batch, channels)`."""
         return F.relu(self.gn(self.body(self.root(x)))).mean(dim=(2, 3))
 
+    def logits(self, features):
+        """The head applied to `features()`."""
+        return self.head(features[:, :, None, None]).flatten(1)
+
     def forward(self, x):
-        return self.head(self.features(x)[:, :, None, None]).flatten(1)
+        return self.logits(self.features(x))
 
 
 def load_official(model, weights):

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from keras_bit import configs
+from keras_bit import configs, hyperrule
 
 
 def _weights_arg(value):
@@ -117,7 +117,8 @@ def build_parser():
     p.add_argument("--output-dir", default="bit_finetune", help="created if missing; its parent must exist")
     p.add_argument("--examples-per-class", type=int, default=None, help="few-shot: K examples of each class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-lr", type=float, default=0.003, help="learning rate at batch 512 (scaled linearly)")
+    p.add_argument("--base-lr", type=float, default=hyperrule.BASE_LR,
+                   help="learning rate at batch 512 (scaled linearly)")
     p.add_argument("--mixup", type=float, default=None, help="MixUp alpha (default: HyperRule)")
     p.add_argument("--split", default="train")
     p.add_argument("--eval-split", default=None)

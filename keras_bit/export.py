@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_bit import cache, configs
+from keras_bit import cache, configs, imagenet
 from keras_bit.layers import StandardizedConv2D, standardize_kernel
 from keras_bit.validation import check_positive_int
 
@@ -94,8 +94,6 @@ def _outputs_probabilities(model):
 
 def imagenet_class_names(classes, cache_dir=None):
     """Human-readable ImageNet names for 1000 or 21843 classes from the cached label files, else None."""
-    from keras_bit import imagenet
-
     try:
         if classes == configs.IMAGENET21K_CLASSES:
             return imagenet.imagenet21k_labels(cache_dir)[1]
@@ -174,7 +172,7 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         return tf.cast(served(x, training=False), tf.float32)
 
     def head(pixels):
-        x = pixels / 127.5 - 1.0  # keras_bit.preprocess_input, inlined so the graph needs no keras_bit
+        x = imagenet.preprocess_input(pixels)
         # An empty batch skips the network: TF's oneDNN convolutions mis-shape empty inputs.
         scores = tf.cond(tf.shape(x)[0] > 0, lambda: run_model(x), lambda: tf.zeros([0, classes], tf.float32))
         probabilities = tf.nn.softmax(scores) if softmax else scores

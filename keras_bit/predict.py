@@ -58,13 +58,13 @@ def predict_files(paths, model, top=5):
             labels = out["top_k_labels"].numpy()
             names = {int(i): lab.decode() for row_i, row_l in zip(index, labels) for i, lab in zip(row_i, row_l)}
     else:
+        from keras_bit.data import decode
         from keras_bit.export import fold_standardization, imagenet_class_names
         from keras_bit.imagenet import preprocess_input
 
         net = fold_standardization(load_model(model))  # weight standardization precomputed once
         height, width = net.input_shape[1:3]
-        images = [tf.image.resize(tf.io.decode_image(b, channels=3, expand_animations=False), (height, width))
-                  for b in blobs]
+        images = [tf.image.resize(decode(tf.constant(b), "encoded"), (height, width)) for b in blobs]
         probs = np.asarray(net.predict(preprocess_input(tf.stack(images)), verbose=0))
         beside = os.path.join(os.path.dirname(os.path.abspath(model)), "class_names.txt")
         if model.endswith(".keras") and os.path.isfile(beside):  # a fine-tuning run's output folder
