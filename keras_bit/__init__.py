@@ -5,12 +5,13 @@ Reference:
     Learning", https://arxiv.org/abs/1912.11370.
 """
 
-from keras_bit import data, hyperrule
 from keras_bit.cache import DownloadError
 from keras_bit.checkpoints import convert, load_weights, save_npz
 from keras_bit.configs import MODEL_NAMES
 from keras_bit.export import export_saved_model, fold_standardization
-from keras_bit.finetune import FinetuneResult, MultiWorkerStrategy, finetune, tpu_strategy
+from keras_bit.train import data, hyperrule, pipeline
+from keras_bit.train.distribute import MultiWorkerStrategy, tpu_strategy
+from keras_bit.train.finetune import FinetuneResult, finetune
 from keras_bit.imagenet import decode_predictions, preprocess_input
 from keras_bit.layers import GroupNormalization, StandardizedConv2D
 from keras_bit.resnet_v2 import (
@@ -62,6 +63,7 @@ __all__ = [
     "finetune",
     "fold_standardization",
     "hyperrule",
+    "pipeline",
     "load_weights",
     "preprocess_input",
     "save_npz",

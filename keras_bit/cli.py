@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from keras_bit import configs, hyperrule
+from keras_bit import configs
+from keras_bit.train import hyperrule
 
 
 def _weights_arg(value):
@@ -160,7 +161,8 @@ def main(argv=None):
         if args.command == "demo":
             demo(args.model, args.weights, args.top, args.size)
         elif args.command == "finetune":
-            from keras_bit.finetune import finetune, tpu_strategy
+            from keras_bit.train.distribute import tpu_strategy
+            from keras_bit.train.finetune import finetune
 
             strategy = tpu_strategy(args.tpu) if args.tpu else None
             result = finetune(

@@ -58,7 +58,7 @@ def predict_files(paths, model, top=5):
             labels = out["top_k_labels"].numpy()
             names = {int(i): lab.decode() for row_i, row_l in zip(index, labels) for i, lab in zip(row_i, row_l)}
     else:
-        from keras_bit.data import decode
+        from keras_bit.train.pipeline import decode
         from keras_bit.export import fold_standardization, imagenet_class_names
         from keras_bit.imagenet import preprocess_input
 

@@ -22,7 +22,7 @@ import tensorflow as tf
 import keras_bit
 from helpers import TINY, images, tiny_checkpoint, tiny_model
 from keras_bit.layers import StandardizedConv2D
-from test_finetune import TINY_BUILDER, _Crash, _run, learnable
+from test_train_finetune import TINY_BUILDER, _Crash, _run, learnable
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs Linux /proc")

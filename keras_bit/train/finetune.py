@@ -20,8 +20,9 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from keras_bit import configs, hyperrule
-from keras_bit import data as data_lib
+from keras_bit import configs
+from keras_bit.train import data as data_lib
+from keras_bit.train import distribute, hyperrule, pipeline
 from keras_bit.validation import check_positive_int
 
 logger = logging.getLogger("keras_bit")
@@ -58,110 +59,6 @@ class FinetuneResult:
     resolution: tuple
     class_names: list
     export_path: str = None
-
-
-class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
-    """`tf.distribute.MultiWorkerMirroredStrategy` that Keras 3's `fit` can use.
-
-    Keras 3 (checked up to 3.15) calls `strategy.reduce` in two ways the
-    multi-worker strategy rejects: at the start of `fit` on one whole batch, an
-    `(x, y)` tuple of per-replica values ("Attempt to convert a value
-    (PerReplica...)"), and on every step's scalar metrics with `axis=0`
-    ("Invalid reduction dimension 0 for input with 0 dimensions"). This
-    subclass reduces nested structures leaf by leaf and reduces scalars across
-    replicas (what `axis=0` means for a per-replica scalar); it is otherwise
-    the TensorFlow strategy, configured from `TF_CONFIG` in the same way.
-    Create it at program start, before any other TensorFlow op.
-    """
-
-    def reduce(self, reduce_op, value, axis):
-        parent = super()
-
-        def reduce_one(v):
-            first = self.experimental_local_results(v)[0]
-            return parent.reduce(reduce_op, v, None if first.shape.rank == 0 else axis)
-
-        return tf.nest.map_structure(reduce_one, value)
-
-
-def tpu_strategy(tpu="local"):
-    """Connects to a Cloud TPU and returns a `tf.distribute.TPUStrategy` for `finetune(strategy=...)`.
-
-    `tpu`: "local" on a TPU VM, else the TPU's name or `grpc://` address. TPU
-    workers read data through TensorFlow ops only, so the image source must be
-    a tfds dataset or files on storage they can reach (e.g. `gs://`).
-    """
-    try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
-        raise ValueError(f"Cannot connect to the TPU {tpu!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
-    return tf.distribute.TPUStrategy(resolver)
-
-
-def select_strategy(strategy=None):
-    """The strategy to train under: `strategy`, else multi-worker if `TF_CONFIG` names a cluster,
-    else `MirroredStrategy` over all local GPUs (the CPU when there is none)."""
-    if strategy is None:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-        if sum(len(v) for v in cluster.values()) > 1:
-            return MultiWorkerStrategy()
-        return tf.distribute.MirroredStrategy()
-    if type(strategy) is tf.distribute.MultiWorkerMirroredStrategy:
-        raise ValueError(
-            "Keras 3's `fit` cannot run under a plain tf.distribute.MultiWorkerMirroredStrategy (its "
-            "`reduce` rejects the nested batch Keras passes). Create `keras_bit.MultiWorkerStrategy(...)` "
-            "instead (same arguments), or pass no strategy and set TF_CONFIG."
-        )
-    return strategy
-
-
-def is_chief(strategy):
-    """Whether this process writes the run's files: the `chief` task, else worker 0, else a lone process."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    task_type = getattr(resolver, "task_type", None)
-    if not task_type or task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "worker" and resolver.task_id == 0 and not has_chief
-
-
-class _RestoreOnly(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore for non-chief workers: restores from the shared backup, never writes it.
-
-    Keras 3's callback writes from every process; under MultiWorkerMirroredStrategy
-    all workers hold identical (all-reduced) weights, so the chief's copy is the backup.
-    """
-
-    def on_epoch_end(self, epoch, logs=None):
-        pass
-
-    def on_train_batch_end(self, batch, logs=None):
-        pass
-
-
-def _shard_options(policy):
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = policy
-    return options
-
-
-def _distributed_train_input(strategy, make_pipeline, global_batch):
-    """Per-worker training input: each worker builds only its share of every global batch.
-
-    The shares are cut by example position in the deterministic stream (see
-    `keras_bit.data.train_pipeline`), so tf.data's auto-sharding is switched off
-    on purpose: it would either re-shard the shares or fall back to DATA
-    sharding, which decodes and augments every example on every worker.
-    """
-
-    def dataset_fn(context):
-        ds = make_pipeline(shard=(context.input_pipeline_id, context.num_input_pipelines),
-                           per_replica_batch_size=context.get_per_replica_batch_size(global_batch))
-        return ds.with_options(_shard_options(tf.data.experimental.AutoShardPolicy.OFF))
-
-    return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 def _write_json(path, value):
@@ -353,7 +250,7 @@ def finetune(
     if isinstance(model, str):
         configs.split_model_name(model)
     output_dir = _check_output_dir(output_dir)
-    strategy = select_strategy(strategy)
+    strategy = distribute.select_strategy(strategy)
     if gradient_accumulation_steps > 1:
         # Keras applies accumulated gradients inside a cond, and tf.distribute cannot all-reduce
         # (merge_call) inside one (keras-team/keras#17429). One replica needs no all-reduce.
@@ -392,7 +289,7 @@ def finetune(
         "gradient_accumulation_steps": micro, "train_examples": n, "base_lr": base_lr, "learning_rate": lr,
         "data": dataset.name, "checkpoint_every": chunk, "replicas": strategy.num_replicas_in_sync,
     }
-    chief = is_chief(strategy)
+    chief = distribute.is_chief(strategy)
     _check_resume(output_dir, run, resuming=start_epoch > 0, chief=chief)
     if chief:
         with open(os.path.join(output_dir, "class_names.txt"), "w") as f:
@@ -402,19 +299,19 @@ def finetune(
                 f"; resuming at step {start_epoch * chunk}" if start_epoch else "")
 
     def make_pipeline(**sharding):
-        return data_lib.train_pipeline(train, dataset.num_classes, micro_batch, resize, crop, seed=seed,
+        return pipeline.train_pipeline(train, dataset.num_classes, micro_batch, resize, crop, seed=seed,
                                        mixup_alpha=mixup_alpha, start_step=start_epoch * chunk * micro, **sharding)
 
     if strategy.num_replicas_in_sync > 1:
-        train_ds = _distributed_train_input(strategy, make_pipeline, micro_batch)
+        train_ds = distribute.distributed_train_input(strategy, make_pipeline, micro_batch)
     else:
         train_ds = make_pipeline()
     if mixup_alpha and micro > 1:
         logger.info("MixUp mixes within each micro-batch of %d examples.", micro_batch)
     # Evaluation is split by element across workers (DATA, chosen explicitly: the
     # in-memory source has no files to shard by); the metrics are all-reduced.
-    eval_ds = data_lib.eval_pipeline(dataset.eval, dataset.num_classes, micro_batch, crop).with_options(
-        _shard_options(tf.data.experimental.AutoShardPolicy.DATA))
+    eval_ds = pipeline.eval_pipeline(dataset.eval, dataset.num_classes, micro_batch, crop).with_options(
+        distribute.shard_options(tf.data.experimental.AutoShardPolicy.DATA))
 
     previous_policy = keras.config.dtype_policy()
     if mixed_precision:
@@ -440,7 +337,7 @@ def finetune(
                 keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
             ]
         else:
-            fit_callbacks = [_RestoreOnly(backup_dir, double_checkpoint=True, delete_checkpoint=False)]
+            fit_callbacks = [distribute.RestoreOnly(backup_dir, double_checkpoint=True, delete_checkpoint=False)]
         fit_callbacks += list(callbacks)
         history = net.fit(train_ds, epochs=total // chunk, steps_per_epoch=chunk * micro,
                           callbacks=fit_callbacks, verbose=verbose, shuffle=False)

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 
-from test_finetune import _run
+from test_train_finetune import _run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(batch_size=8, steps=8, checkpoint_every=2, mixup=0.0)
@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, "tests")
     import keras
     import keras_bit
-    from test_finetune import learnable, TINY_BUILDER
+    from test_train_finetune import learnable, TINY_BUILDER
     settings = json.loads(sys.argv[2])
     pause = float(sys.argv[3])  # seconds per step, so that the test can kill a worker mid-run
     slow = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: time.sleep(pause))
@@ -160,7 +160,7 @@ def test_is_chief_follows_the_cluster_spec(jobs, task, chief):
 
     import tensorflow as tf
 
-    from keras_bit.finetune import is_chief
+    from keras_bit.train.distribute import is_chief
 
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec(jobs), task_type=task[0], task_id=task[1])

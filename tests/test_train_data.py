@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_bit import data
+from keras_bit.train import data, pipeline
 
 
 def _arrays(n_per_class=6, classes=3, size=12, seed=0):
@@ -50,30 +50,30 @@ def test_few_shot_exact_and_deterministic():
 def test_mixup_uses_one_lambda_for_images_and_labels():
     images = tf.constant(np.arange(4 * 2 * 2 * 3, dtype="float32").reshape(4, 2, 2, 3))
     labels = tf.one_hot([0, 1, 2, 3], 4)
-    mixed_x, mixed_y = data.mixup(images, labels, 0.1, seed=0, batch_index=5)
+    mixed_x, mixed_y = pipeline.mixup(images, labels, 0.1, seed=0, batch_index=5)
     lam = float(mixed_y[0, 0])  # example 0 mixes with example 3: label row = (lam, 0, 0, 1 - lam)
     assert 0.0 <= lam <= 1.0
     np.testing.assert_allclose(mixed_y[0], [lam, 0, 0, 1 - lam], atol=1e-6)
     np.testing.assert_allclose(mixed_x, lam * images + (1 - lam) * images[::-1], rtol=1e-5)
-    again_x, _ = data.mixup(images, labels, 0.1, seed=0, batch_index=5)
+    again_x, _ = pipeline.mixup(images, labels, 0.1, seed=0, batch_index=5)
     np.testing.assert_array_equal(mixed_x, again_x)  # deterministic per (seed, batch)
-    lams = [float(data.mixup(images, labels, 0.1, seed=0, batch_index=b)[1][0, 0]) for b in range(200)]
+    lams = [float(pipeline.mixup(images, labels, 0.1, seed=0, batch_index=b)[1][0, 0]) for b in range(200)]
     assert np.mean([0.05 < v < 0.95 for v in lams]) < 0.35  # Beta(0.1, 0.1): mostly near 0 or 1
 
 
 def test_train_pipeline_shapes_range_and_resume():
     images, labels = _arrays(n_per_class=5)
     split = data.Split(images, labels, "arrays")
-    full = list(data.train_pipeline(split, 3, 4, 40, 32, seed=7).take(9).as_numpy_iterator())
+    full = list(pipeline.train_pipeline(split, 3, 4, 40, 32, seed=7).take(9).as_numpy_iterator())
     x, y = full[0]
     assert x.shape == (4, 32, 32, 3) and y.shape == (4, 3) and x.dtype == np.float32
     assert -1.0 <= x.min() and x.max() <= 1.0
     # Starting at batch 5 gives exactly batches 5.. of the uninterrupted stream (several passes over 15 examples).
-    resumed = list(data.train_pipeline(split, 3, 4, 40, 32, seed=7, start_step=5).take(4).as_numpy_iterator())
+    resumed = list(pipeline.train_pipeline(split, 3, 4, 40, 32, seed=7, start_step=5).take(4).as_numpy_iterator())
     for (xa, ya), (xb, yb) in zip(full[5:], resumed):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
-    other = next(data.train_pipeline(split, 3, 4, 40, 32, seed=8).as_numpy_iterator())
+    other = next(pipeline.train_pipeline(split, 3, 4, 40, 32, seed=8).as_numpy_iterator())
     assert not np.array_equal(other[0], x)
 
 
@@ -81,9 +81,9 @@ def test_train_pipeline_shards_are_the_global_batches():
     """Worker shards cut each global batch by position: together they are the one-process stream."""
     images, labels = _arrays(n_per_class=5)
     split = data.Split(images, labels, "arrays")
-    full = list(data.train_pipeline(split, 3, 8, 40, 32, seed=7, start_step=2).take(5).as_numpy_iterator())
+    full = list(pipeline.train_pipeline(split, 3, 8, 40, 32, seed=7, start_step=2).take(5).as_numpy_iterator())
     shards = [
-        list(data.train_pipeline(split, 3, 8, 40, 32, seed=7, start_step=2, shard=(k, 2),
+        list(pipeline.train_pipeline(split, 3, 8, 40, 32, seed=7, start_step=2, shard=(k, 2),
                                  per_replica_batch_size=2).take(10).as_numpy_iterator())
         for k in range(2)
     ]
@@ -93,14 +93,27 @@ def test_train_pipeline_shards_are_the_global_batches():
         np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), x)
         np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), y)
     with pytest.raises(ValueError, match="Cannot take shard 0 of 3 of a global batch of 8"):
-        data.train_pipeline(split, 3, 8, 40, 32, shard=(0, 3))
+        pipeline.train_pipeline(split, 3, 8, 40, 32, shard=(0, 3))
     with pytest.raises(ValueError, match="A share of 4 examples cannot be split into batches of 3"):
-        data.train_pipeline(split, 3, 8, 40, 32, shard=(1, 2), per_replica_batch_size=3)
+        pipeline.train_pipeline(split, 3, 8, 40, 32, shard=(1, 2), per_replica_batch_size=3)
+
+
+def test_a_batch_larger_than_the_data_repeats_the_passes():
+    """BiT's few-shot protocol: 1 example per class at a batch far above the set size."""
+    images, labels = _arrays(n_per_class=1)  # 3 examples
+    split = data.Split(images, labels, "arrays")
+    x, y = next(pipeline.train_pipeline(split, 3, 10, 24, 16, seed=0).as_numpy_iterator())
+    assert x.shape == (10, 16, 16, 3)
+    # Passes 0..3 cover the set: in the first 9 positions, every example appears exactly 3 times.
+    assert np.bincount(y[:9].argmax(axis=1), minlength=3).tolist() == [3, 3, 3]
+    # The same example at two positions gets two different augmentations.
+    first = y.argmax(axis=1) == 0
+    assert not np.array_equal(x[first][0], x[first][1])
 
 
 def test_train_pipeline_mixup_labels_are_soft():
     images, labels = _arrays(n_per_class=8)
-    ds = data.train_pipeline(data.Split(images, labels, "arrays"), 3, 8, 16, 16, mixup_alpha=0.5)
+    ds = pipeline.train_pipeline(data.Split(images, labels, "arrays"), 3, 8, 16, 16, mixup_alpha=0.5)
     _, y = next(ds.as_numpy_iterator())
     np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
     assert ((y > 0) & (y < 1)).any()
@@ -108,7 +121,7 @@ def test_train_pipeline_mixup_labels_are_soft():
 
 def test_eval_pipeline_resizes_without_crop():
     images, labels = _arrays(n_per_class=3)
-    batches = list(data.eval_pipeline(data.Split(images, labels, "arrays"), 3, 4, 24).as_numpy_iterator())
+    batches = list(pipeline.eval_pipeline(data.Split(images, labels, "arrays"), 3, 4, 24).as_numpy_iterator())
     assert [b[0].shape for b in batches] == [(4, 24, 24, 3), (4, 24, 24, 3), (1, 24, 24, 3)]
     expected = tf.image.resize(images[:1].astype("float32"), (24, 24)) / 127.5 - 1
     np.testing.assert_allclose(batches[0][0][:1], expected, atol=1e-5)
@@ -117,7 +130,7 @@ def test_eval_pipeline_resizes_without_crop():
 def test_grayscale_arrays_become_rgb():
     images = np.random.default_rng(0).integers(0, 17, size=(8, 8, 8)).astype("float64") * 15
     ds = data.from_arrays(images, np.arange(8) % 2)
-    x, _ = next(data.eval_pipeline(ds.eval, 2, 2, 32).as_numpy_iterator())
+    x, _ = next(pipeline.eval_pipeline(ds.eval, 2, 2, 32).as_numpy_iterator())
     assert x.shape[-1] == 3 and np.array_equal(x[..., 0], x[..., 2])
 
 
@@ -126,7 +139,7 @@ def test_image_folder(tmp_path):
     ds = data.load(str(root), eval_fraction=0.2)
     assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2 and ds.image_size == (20, 30)
     assert len(ds.train) == 8 and len(ds.eval) == 2
-    x, y = next(data.train_pipeline(ds.train, 2, 4, 40, 32).as_numpy_iterator())
+    x, y = next(pipeline.train_pipeline(ds.train, 2, 4, 40, 32).as_numpy_iterator())
     assert x.shape == (4, 32, 32, 3) and y.shape == (4, 2)
 
 
@@ -166,8 +179,6 @@ def test_array_errors():
         data.from_arrays(images, np.where(labels == 0, -1, labels), num_classes=3)
     with pytest.raises(ValueError, match=r"look like \[0, 1\] floats"):
         data.from_arrays(images / 255.0, labels)
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        data.train_pipeline(data.Split(images, labels, "arrays"), 3, 64, 16, 16)
 
 
 def test_tfds_mock_cifar10():
@@ -177,7 +188,7 @@ def test_tfds_mock_cifar10():
         ds = data.load("cifar10")
     assert ds.num_classes == 10 and ds.image_size == (32, 32) and len(ds.class_names) == 10
     assert len(ds.train) == 12 and ds.train.kind == "encoded"
-    x, y = next(data.train_pipeline(ds.train, 10, 4, 40, 32).as_numpy_iterator())
+    x, y = next(pipeline.train_pipeline(ds.train, 10, 4, 40, 32).as_numpy_iterator())
     assert x.shape == (4, 32, 32, 3) and y.shape == (4, 10)
     with pytest.raises(ValueError, match="Could not load tfds data set 'no_such_dataset_xyz'"):
         data.load("no_such_dataset_xyz")

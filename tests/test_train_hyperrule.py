@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_bit import hyperrule
-from keras_bit.hyperrule import BiTSchedule, get_lr, get_mixup, get_resolution, get_schedule, scale_schedule, scaled_lr
+from keras_bit.train import hyperrule
+from keras_bit.train.hyperrule import BiTSchedule, get_lr, get_mixup, get_resolution, get_schedule, scale_schedule, scaled_lr
 
 
 @pytest.mark.parametrize(

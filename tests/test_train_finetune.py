@@ -11,7 +11,7 @@ import pytest
 
 import keras_bit
 from helpers import TINY
-from keras_bit.finetune import finetune
+from keras_bit.train.finetune import finetune
 
 TINY_BUILDER = functools.partial(keras_bit.ResNetV2, **TINY)
 
@@ -48,7 +48,7 @@ def test_finetune_learns_and_writes_outputs(tmp_path, capsys):
     assert len((out / "metrics.csv").read_text().strip().splitlines()) == 1 + 10  # header + 10 chunks
     assert json.loads((out / "run.json").read_text())["learning_rate"] == pytest.approx(0.5 * 8 / 512)
     restored = keras.saving.load_model(out / "model.keras")
-    x = keras_bit.data.eval_transform(learnable()[0][:4], 32)
+    x = keras_bit.pipeline.eval_transform(learnable()[0][:4], 32)
     np.testing.assert_allclose(restored.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-6)
 
 
@@ -128,7 +128,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, "tests")
     import keras_bit
-    from test_finetune import learnable, TINY_BUILDER
+    from test_train_finetune import learnable, TINY_BUILDER
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     result = keras_bit.finetune(TINY_BUILDER, learnable(), batch_size=8, steps=20, resolution=(36, 32),
                                 base_lr=0.5, output_dir=sys.argv[1], strategy=strategy, verbose=0)

@@ -1,0 +1,135 @@
+"""tf.data pipelines for BiT fine-tuning: decoding, augmentation, MixUp, the deterministic stream.
+
+The training stream is a pure function of `(seed, step)`: pass p over the data
+is a permutation drawn from `(seed, p)`, every random crop/flip is seeded by
+the example's position in the stream and every MixUp coefficient by the
+batch's. A run resumed at step s sees exactly the batches an uninterrupted run
+sees from step s on.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_bit.imagenet import preprocess_input
+
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _tensors(split):
+    records = split.records
+    if split.kind == "files":
+        records = records.astype(str)
+    elif split.kind == "encoded":
+        records = list(records)
+    return tf.constant(records), tf.constant(split.labels)
+
+
+def _records_dataset(split):
+    return tf.data.Dataset.from_tensor_slices(_tensors(split))
+
+
+def decode(record, kind):
+    """uint8 `(H, W, 3)` image from a file path, encoded bytes or an array record."""
+    if kind == "files":
+        record = tf.io.read_file(record)
+    if kind in ("files", "encoded"):
+        image = tf.io.decode_image(record, channels=3, expand_animations=False)
+    else:
+        image = record if record.shape.rank == 3 else record[..., None]
+        if image.shape[-1] == 1:
+            image = tf.image.grayscale_to_rgb(image)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _seed(seed, index, salt):
+    return tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + salt, tf.cast(index, tf.int64)])
+
+
+def train_augment(image, index, resize, crop, seed):
+    """BiT training augmentation: resize, random crop, random horizontal flip, [-1, 1]."""
+    image = tf.image.resize(image, (resize, resize))  # bilinear
+    image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=_seed(seed, index, 1))
+    image = tf.image.stateless_random_flip_left_right(image, seed=_seed(seed, index, 2))
+    return preprocess_input(image)
+
+
+def eval_transform(image, crop):
+    """BiT evaluation: resize straight to the crop size (no centre crop), [-1, 1]."""
+    return preprocess_input(tf.image.resize(image, (crop, crop)))
+
+
+def mixup(images, labels, alpha, seed, batch_index):
+    """Mixes each example with the batch reversed, images and labels with one lambda ~ Beta(alpha, alpha)."""
+    g = tf.random.stateless_gamma([2], seed=_seed(seed, batch_index, 3), alpha=alpha)
+    lam = g[0] / (g[0] + g[1])
+    return lam * images + (1 - lam) * tf.reverse(images, [0]), lam * labels + (1 - lam) * tf.reverse(labels, [0])
+
+
+def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_alpha=0.0, start_step=0,
+                   shard=(0, 1), per_replica_batch_size=None):
+    """Infinite training batches `(images, one-hot labels)`, starting at batch `start_step`.
+
+    The stream runs through the examples pass after pass, so a batch may be
+    larger than the training set (BiT's few-shot protocol: 1 example per class
+    at batch 512): it then holds every example several times, each with its
+    own augmentation.
+
+    Pass p over the examples is a full permutation drawn from `(seed, p)`, and
+    each augmentation is seeded by the example's position in the stream, so
+    batch b is the same whatever `start_step` the pipeline was built with:
+    that is what makes interrupted runs resume exactly.
+
+    Multi-worker input: with `shard=(index, count)` this pipeline produces only
+    its share of every global batch of `batch_size` examples (positions
+    `[index * batch_size / count, (index + 1) * batch_size / count)`), and
+    decodes nothing else; the `count` shards together are exactly the global
+    batch of the one-process stream. `per_replica_batch_size` then splits the
+    share into consecutive per-replica batches (what
+    `tf.distribute.Strategy.distribute_datasets_from_function` expects). MixUp
+    uses the global batch's lambda and pairs examples within the share.
+    """
+    n = len(split)
+    shard_index, count = shard
+    if batch_size % count or not 0 <= shard_index < count:
+        raise ValueError(f"Cannot take shard {shard_index} of {count} of a global batch of {batch_size} examples.")
+    share = batch_size // count
+    kind = split.kind
+    records, labels = _tensors(split)
+    first = start_step * batch_size
+    start_pass, offset = divmod(first, n)
+
+    def one_pass(p):
+        order = tf.argsort(tf.random.stateless_uniform([n], seed=_seed(seed, p, 0)))
+        return tf.data.Dataset.from_tensor_slices(order)
+
+    ds = tf.data.Dataset.range(start_pass, np.iinfo(np.int64).max).flat_map(one_pass).skip(offset)
+    ds = ds.enumerate(start=first)
+    if count > 1:
+        ds = ds.filter(lambda position, i: (position % batch_size) // share == shard_index)
+
+    def example(index, i):
+        image = train_augment(decode(tf.gather(records, i), kind), index, resize, crop, seed)
+        return image, tf.one_hot(tf.gather(labels, i), num_classes)
+
+    ds = ds.map(example, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    ds = ds.batch(share, drop_remainder=True)
+    if mixup_alpha:
+        ds = ds.enumerate(start=start_step).map(
+            lambda b, xy: mixup(xy[0], xy[1], mixup_alpha, seed, b), num_parallel_calls=_AUTOTUNE
+        )
+    if per_replica_batch_size is not None and per_replica_batch_size != share:
+        if share % per_replica_batch_size:
+            raise ValueError(f"A share of {share} examples cannot be split into batches of {per_replica_batch_size}.")
+        ds = ds.rebatch(per_replica_batch_size, drop_remainder=True)
+    return ds.prefetch(_AUTOTUNE)
+
+
+def eval_pipeline(split, num_classes, batch_size, crop):
+    """Evaluation batches `(images, one-hot labels)`, in order, last batch kept."""
+    kind = split.kind
+    ds = _records_dataset(split).map(
+        lambda r, y: (eval_transform(decode(r, kind), crop), tf.one_hot(y, num_classes)),
+        num_parallel_calls=_AUTOTUNE,
+    )
+    return ds.batch(batch_size).prefetch(_AUTOTUNE)
