@@ -1,0 +1,502 @@
+"""One picture of a fine-tuning run: curves, learning rate and confusion matrix.
+
+Reads what `keras_bit.train.finetune` writes into its `output_dir`:
+
+- `metrics.csv`: one row per chunk of optimizer steps (see `METRICS_COLUMNS`);
+  the three `val_*` cells are empty where no evaluation ran;
+- `results.json` (written when the run ends): `steps`, `eval` (`loss`,
+  `accuracy`, `top5_accuracy`, `examples`), `confusion_matrix` (rows = true
+  class) and `class_names`;
+- `class_names.txt`: one name a line (used when `results.json` has none);
+
+and draws `summary.png`. Only NumPy and (optionally) matplotlib are used, never
+TensorFlow, so a run folder copied off a GPU or TPU machine can be drawn
+anywhere.
+
+Example:
+    >>> from keras_bit.train import report
+    >>> report.write_summary("runs/flowers")  # -> "runs/flowers/summary.png"
+"""
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+logger = logging.getLogger("keras_bit")
+
+METRICS_FILE = "metrics.csv"
+RESULTS_FILE = "results.json"
+CLASS_NAMES_FILE = "class_names.txt"
+SUMMARY_FILE = "summary.png"
+METRICS_COLUMNS = ("step", "loss", "accuracy", "learning_rate", "val_loss", "val_accuracy", "val_top5_accuracy")
+INSTALL_HINT = "pip install 'keras-bit[report]'"
+
+_VALIDATION_COLUMNS = frozenset(METRICS_COLUMNS[4:])
+_FRACTION_COLUMNS = frozenset({"accuracy", "val_accuracy", "val_top5_accuracy"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalEvaluation:
+    """The contents of `results.json`, validated.
+
+    Attributes:
+        steps: int, optimizer steps the run made.
+        loss, accuracy, examples: the final evaluation.
+        top5_accuracy: float, or None where the run recorded none.
+        confusion_matrix: int64 array `(classes, classes)`, rows = true class.
+        class_names: list of `classes` strings.
+    """
+
+    steps: int
+    loss: float
+    accuracy: float
+    top5_accuracy: Optional[float]
+    examples: int
+    confusion_matrix: np.ndarray
+    class_names: list
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """A run folder, validated by `load_run`.
+
+    Attributes:
+        run_dir: str, the folder.
+        metrics: dict mapping each of `METRICS_COLUMNS` to a float64 array with
+            one entry per logged row (steps strictly increasing); NaN where a
+            `val_*` cell was empty.
+        results: a `FinalEvaluation`, or None while the run has not finished
+            (still running, or stopped before its last step).
+    """
+
+    run_dir: str
+    metrics: dict
+    results: Optional[FinalEvaluation]
+
+    @property
+    def rows(self):
+        return len(self.metrics["step"])
+
+
+def load_run(run_dir):
+    """Reads and validates a fine-tuning run folder.
+
+    Args:
+        run_dir: str or path-like, the `output_dir` of a fine-tuning run.
+
+    Returns:
+        A `RunRecord`.
+
+    Raises:
+        ValueError: the folder or its `metrics.csv` is missing, a file is
+            malformed (the message names the file, the line or key, and what
+            was expected), or the folder holds nothing to draw yet.
+
+    Example:
+        >>> run = load_run("runs/flowers")
+        >>> run.metrics["val_accuracy"][-1], run.results.accuracy
+    """
+    run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"Run folder not found: {run_dir!r}")
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(metrics_path):
+        raise ValueError(f"Not a fine-tuning run folder: {run_dir!r} (no {METRICS_FILE})")
+    metrics = _read_metrics(metrics_path)
+    results_path = os.path.join(run_dir, RESULTS_FILE)
+    results = _read_results(results_path, run_dir) if os.path.isfile(results_path) else None
+    run = RunRecord(run_dir=run_dir, metrics=metrics, results=results)
+    if not run.rows and results is None:
+        raise ValueError(
+            f"Nothing to report yet in {run_dir!r}: {METRICS_FILE} has no rows and there is no {RESULTS_FILE}."
+        )
+    return run
+
+
+def _read_metrics(path):
+    # Undecodable bytes become U+FFFD, which the cell checks then report by line.
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        text = f.read()
+    lines = text.splitlines()
+    # A run that is still going may be caught mid-row: an unterminated last
+    # line that does not parse is that row being written, not corruption.
+    try:
+        return _parse_metrics(path, lines)
+    except ValueError:
+        if not lines or text.endswith(("\n", "\r")):
+            raise
+        logger.warning("%s: ignoring its unterminated last line %d (a row still being written?)", path, len(lines))
+        return _parse_metrics(path, lines[:-1])
+
+
+def _parse_metrics(path, lines):
+    rows = []
+    for number, cells in enumerate(csv.reader(lines), start=1):
+        if number == 1:
+            if tuple(c.strip() for c in cells) != METRICS_COLUMNS:
+                raise ValueError(
+                    f"{path} line 1: expected the header {','.join(METRICS_COLUMNS)!r}, found {','.join(cells)!r}"
+                )
+        elif cells:  # blank lines carry nothing
+            row = _parse_row(path, number, cells)
+            # Resuming from a backup re-logs the steps after it: keep the latest.
+            while rows and rows[-1][0] >= row[0]:
+                rows.pop()
+            rows.append(row)
+    table = np.array(rows, dtype="float64").reshape(len(rows), len(METRICS_COLUMNS))
+    return {name: table[:, i] for i, name in enumerate(METRICS_COLUMNS)}
+
+
+def _parse_row(path, number, cells):
+    if len(cells) != len(METRICS_COLUMNS):
+        raise ValueError(
+            f"{path} line {number}: expected {len(METRICS_COLUMNS)} comma-separated cells "
+            f"({','.join(METRICS_COLUMNS)}), found {len(cells)}: {','.join(cells)!r}"
+        )
+    row = []
+    for name, cell in zip(METRICS_COLUMNS, cells):
+        row.append(_parse_cell(path, number, name, cell.strip()))
+    step, learning_rate = row[0], row[3]
+    if not (math.isfinite(step) and step >= 0 and step == int(step)):
+        raise ValueError(f"{path} line {number}, column 'step': expected a whole number >= 0, found {cells[0]!r}")
+    if not (math.isfinite(learning_rate) and learning_rate >= 0):
+        raise ValueError(
+            f"{path} line {number}, column 'learning_rate': expected a finite number >= 0, found {cells[3]!r}"
+        )
+    return row
+
+
+def _parse_cell(path, number, name, cell):
+    optional = name in _VALIDATION_COLUMNS
+    if optional and not cell:
+        return math.nan
+    try:
+        value = float(cell)
+    except ValueError:
+        value = None
+    # "nan" is a real value: Keras logs it when the loss diverges.
+    if value is None or (name in _FRACTION_COLUMNS and not (0 <= value <= 1 or math.isnan(value))):
+        expected = "a fraction in [0, 1]" if name in _FRACTION_COLUMNS else "a number"
+        raise ValueError(
+            f"{path} line {number}, column {name!r}: expected {expected}{' or an empty cell' if optional else ''}, "
+            f"found {cell!r}"
+        )
+    return value
+
+
+def _read_results(path, run_dir):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    evaluation = _field(path, data, "eval", dict, "an object")
+    matrix = _confusion_matrix(path, data.get("confusion_matrix"))
+    names = _class_names(path, data.get("class_names"), run_dir, len(matrix))
+    top5 = evaluation.get("top5_accuracy")
+    result = FinalEvaluation(
+        steps=_field(path, data, "steps", int, "a whole number"),
+        loss=float(_field(path, evaluation, "loss", (int, float), "a number", "eval.")),
+        accuracy=_fraction(path, evaluation, "accuracy"),
+        top5_accuracy=None if top5 is None else _fraction(path, evaluation, "top5_accuracy"),
+        examples=_field(path, evaluation, "examples", int, "a whole number", "eval."),
+        confusion_matrix=matrix,
+        class_names=names,
+    )
+    if int(matrix.sum()) != result.examples:
+        logger.warning("%s: the confusion matrix counts %d examples, eval.examples %d", path, matrix.sum(),
+                       result.examples)
+    return result
+
+
+def _field(path, obj, key, kind, expected, prefix=""):
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{path}: expected {prefix + key!r} to be {expected}, found {value!r}")
+    return value
+
+
+def _fraction(path, evaluation, key):
+    value = float(_field(path, evaluation, key, (int, float), "a fraction in [0, 1]", "eval."))
+    if not 0 <= value <= 1:
+        raise ValueError(f"{path}: expected 'eval.{key}' to be a fraction in [0, 1], found {value!r}")
+    return value
+
+
+def _confusion_matrix(path, value):
+    expected = "a non-empty square list of lists of counts (rows = true class)"
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{path}: expected 'confusion_matrix' to be {expected}, found {str(value)[:80]}")
+    classes = len(value)
+    for i, row in enumerate(value):
+        if not isinstance(row, list) or len(row) != classes:
+            found = f"{len(row)} cells" if isinstance(row, list) else repr(row)[:40]
+            raise ValueError(f"{path}: 'confusion_matrix' row {i}: expected {classes} counts (one per class), "
+                             f"found {found}")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row):
+            raise ValueError(f"{path}: 'confusion_matrix' row {i}: expected whole-number counts >= 0, found {row[:10]}")
+    return np.array(value, dtype="int64")
+
+
+def _class_names(path, names, run_dir, classes):
+    source = path
+    if names is None:
+        source = os.path.join(run_dir, CLASS_NAMES_FILE)
+        if not os.path.isfile(source):
+            return [str(i) for i in range(classes)]
+        with open(source, encoding="utf-8", errors="replace") as f:
+            names = [line.rstrip("\r\n") for line in f if line.strip()]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: expected 'class_names' to be a list of strings, found {str(names)[:80]}")
+    if len(names) != classes:
+        raise ValueError(
+            f"{source}: {len(names)} class names for a {classes}x{classes} confusion matrix; expected {classes} names"
+        )
+    return names
+
+
+def write_summary(run_dir, output=None):
+    """Draws `run_dir/summary.png` (or `output`) if matplotlib is installed.
+
+    Meant for the end of a fine-tuning run, where the picture is an extra:
+    without matplotlib it is skipped with one logged line instead of failing
+    the run. The file is replaced atomically, so an interrupted call never
+    leaves a half-written PNG.
+
+    Args:
+        run_dir: str or path-like, the run's `output_dir`.
+        output: where to write the PNG; default `run_dir/summary.png`.
+
+    Returns:
+        The path written, or None when matplotlib is not installed.
+
+    Raises:
+        ValueError: as `load_run`, or `output` does not end in `.png`.
+
+    Example:
+        >>> write_summary("runs/flowers")
+        'runs/flowers/summary.png'
+    """
+    try:
+        return _write(run_dir, output)
+    except ImportError:
+        logger.warning("Skipped the run summary picture: matplotlib is not installed (%s draws it).", INSTALL_HINT)
+        return None
+
+
+def main(run_dir, output=None):
+    """`keras-bit report RUN_DIR [--output PNG]`: draws the summary and returns its path.
+
+    Unlike `write_summary`, a missing matplotlib is an error: the user asked
+    for the picture.
+
+    Raises:
+        ValueError: a user error (`load_run`'s, a bad `output`, or matplotlib
+            missing, with the command that installs it).
+    """
+    try:
+        return _write(run_dir, output)
+    except ImportError as e:
+        raise ValueError(f"`keras-bit report` needs matplotlib: {INSTALL_HINT}") from e
+
+
+def _write(run_dir, output):
+    run = load_run(run_dir)
+    path = _output_path(run.run_dir, output)
+    return _save_atomically(summary_figure(run), path)
+
+
+def _output_path(run_dir, output):
+    path = os.path.join(run_dir, SUMMARY_FILE) if output is None else os.fspath(output)
+    if not path.lower().endswith(".png"):
+        raise ValueError(f"`output` must be a .png path. Received: output={output!r}")
+    return path
+
+
+def _save_atomically(figure, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Same folder, so os.replace is a rename on one file system.
+    partial = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as f:
+            figure.savefig(f, format="png")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+def summary_figure(run):
+    """The summary of `run` as a matplotlib `Figure` (Agg canvas, no pyplot state).
+
+    Layout (1600x900 px): training/validation loss, accuracy (train top-1,
+    validation top-1 and top-5) and learning rate (log scale) against the
+    step, stacked on the left; the final confusion matrix on the right.
+
+    Args:
+        run: a `RunRecord` from `load_run`.
+
+    Returns:
+        A `matplotlib.figure.Figure`; its axes carry the labels "loss",
+        "accuracy", "learning_rate" and "confusion_matrix".
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(16, 9), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # a private Agg canvas: the user's pyplot backend is untouched
+    grid = figure.add_gridspec(3, 2, width_ratios=(1, 1.05))
+    loss = figure.add_subplot(grid[0, 0], label="loss")
+    accuracy = figure.add_subplot(grid[1, 0], sharex=loss, label="accuracy")
+    learning_rate = figure.add_subplot(grid[2, 0], sharex=loss, label="learning_rate")
+    confusion = figure.add_subplot(grid[:, 1], label="confusion_matrix")
+    _plot_curves(run.metrics, loss, accuracy, learning_rate)
+    if run.results is None:
+        confusion.set_axis_off()
+        confusion.text(0.5, 0.5, f"No final evaluation yet\n(no {RESULTS_FILE}: the run is still going or was stopped)",
+                       ha="center", va="center", fontsize=13, color="0.4", transform=confusion.transAxes)
+    else:
+        _plot_confusion(figure, confusion, run.results)
+    figure.suptitle(_title(run), fontsize=14)
+    return figure
+
+
+def _title(run):
+    name = _cut_middle(os.path.basename(os.path.normpath(os.path.abspath(run.run_dir))), 48)
+    r = run.results
+    if r is None:
+        last = f" (last logged step {int(run.metrics['step'][-1])})" if run.rows else ""
+        return f"{name}: no final evaluation yet{last}"
+    top5 = "n/a" if r.top5_accuracy is None else f"{r.top5_accuracy:.1%}"
+    return (f"{name}: final evaluation after {r.steps:,} steps on {r.examples:,} examples: "
+            f"top-1 {r.accuracy:.1%}, top-5 {top5}, loss {r.loss:.3g}")
+
+
+def _plot_curves(metrics, loss, accuracy, learning_rate):
+    from matplotlib.ticker import PercentFormatter
+
+    step = metrics["step"]
+    _plot_training(loss, step, metrics["loss"], "training")
+    _plot_validation(loss, step, metrics["val_loss"], "o", "C1", "validation")
+    loss.set_ylabel("loss")
+    _plot_training(accuracy, step, metrics["accuracy"], "training top-1")
+    _plot_validation(accuracy, step, metrics["val_accuracy"], "o", "C1", "validation top-1")
+    _plot_validation(accuracy, step, metrics["val_top5_accuracy"], "s", "C2", "validation top-5")
+    accuracy.set_ylim(-0.02, 1.02)
+    accuracy.yaxis.set_major_formatter(PercentFormatter(xmax=1))
+    accuracy.set_ylabel("accuracy")
+    _plot_learning_rate(learning_rate, step, metrics["learning_rate"])
+    learning_rate.set_xlabel("optimizer step")
+    for ax in (loss, accuracy, learning_rate):
+        ax.grid(True, alpha=0.3)
+        if not len(step):
+            ax.text(0.5, 0.5, f"no rows in {METRICS_FILE} yet", ha="center", va="center", color="0.4",
+                    transform=ax.transAxes)
+        elif ax.get_legend_handles_labels()[0]:
+            # Above the panel, not inside it: curves fill every corner at some point.
+            ax.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=4, fontsize=8.5, frameon=False,
+                      borderaxespad=0.2, handlelength=1.6, columnspacing=1.0)
+    for ax in (loss, accuracy):
+        ax.tick_params(labelbottom=False)
+
+
+def _plot_training(ax, step, values, label, smooth_above=60):
+    if len(step) <= smooth_above:
+        # A lone point is invisible as a line: give it a mark.
+        ax.plot(step, values, marker="." if len(step) < 2 else None, color="C0", label=label)
+        return
+    # Hundreds of noisy chunk means hide the validation points: draw them faint, with a centred running mean on top.
+    window = len(step) // 30
+    ax.plot(step, values, color="C0", alpha=0.3, linewidth=0.8, label=label)
+    kernel = np.ones(window) / window
+    ax.plot(np.convolve(step, kernel, "valid"), np.convolve(values, kernel, "valid"), color="C0",
+            label=f"running mean ({window} rows)")
+
+
+def _plot_validation(ax, step, values, marker, color, label):
+    present = ~np.isnan(values)
+    if present.any():  # above the training curves, which may be dense
+        ax.plot(step[present], values[present], marker=marker, markersize=5, color=color, label=label, zorder=3)
+
+
+def _plot_learning_rate(ax, step, rate):
+    ax.set_ylabel("learning rate")
+    positive = rate > 0
+    if not positive.any() or rate[positive].max() < 10 * rate[positive].min():
+        ax.plot(step, rate, marker="." if len(step) < 2 else None, color="C3")
+        return
+    # BiT decays by 10x three times: only a log scale shows every phase. Zeros
+    # (start of warm-up, after the last support) have no place on it, so they
+    # are drawn as marks on the bottom edge.
+    ax.set_yscale("log")
+    ax.plot(step, np.where(positive, rate, np.nan), color="C3", label="schedule")
+    if not positive.all():
+        ax.plot(step[~positive], np.zeros(int((~positive).sum())), linestyle="none", marker="v", color="C3",
+                markersize=6, clip_on=False, transform=ax.get_xaxis_transform(), label="0 (off the log scale)")
+
+
+def _plot_confusion(figure, ax, results):
+    counts = results.confusion_matrix
+    classes = len(counts)
+    from matplotlib.colors import PowerNorm
+    from matplotlib.ticker import PercentFormatter
+
+    normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    # Square-root colours: a 2% confusion would be invisible on a linear scale.
+    image = ax.imshow(normalised, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    colorbar = figure.colorbar(image, ax=ax, shrink=0.8, format=PercentFormatter(xmax=1, decimals=0))
+    colorbar.set_label("share of the true class (square-root colour scale)")
+    colorbar.set_ticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if classes > 30:
+        # Names and counts would be unreadable: class indices every few rows instead.
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(10, integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(10, integer=True))
+        ax.set_title(f"Confusion matrix: {classes} classes, shown by index (too many for names and counts)",
+                     fontsize=11)
+        return
+    labels = _tick_labels(results.class_names)
+    ax.set_xticks(range(classes), labels, rotation=45 if classes > 3 else 0, ha="right" if classes > 3 else "center",
+                  rotation_mode="anchor", fontsize=9 if classes <= 15 else 7)
+    ax.set_yticks(range(classes), labels, fontsize=9 if classes <= 15 else 7)
+    with_counts = classes <= 15
+    if with_counts:
+        size = 12 if classes <= 6 else 10 if classes <= 10 else 8
+        dark = image.norm(normalised) > 0.6  # where black text would not stand out
+        for (i, j), count in np.ndenumerate(counts):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=size, color="white" if dark[i, j] else "black")
+    ax.set_title("Confusion matrix (colour: share of the true class" + ("; text: counts)" if with_counts else ")"),
+                 fontsize=11)
+
+
+def _tick_labels(names, limit=20):
+    """Names cut to `limit` characters, prefixed with the class index where cutting makes two equal."""
+    short = [_cut_middle(n, limit) for n in names]
+    if len(set(short)) < len(short):
+        short = [f"{i}: " + _cut_middle(n, limit - len(f"{i}: "), keep_end=False) for i, n in enumerate(names)]
+    return short
+
+
+def _cut_middle(text, limit, keep_end=True):
+    # The ends of names tell them apart more often than their middles do.
+    if len(text) <= limit:
+        return text
+    tail = limit // 2 if keep_end else 0
+    return text[: limit - 1 - tail] + "\u2026" + text[len(text) - tail:]
