@@ -5,16 +5,25 @@ Reference:
     Learning", https://arxiv.org/abs/1912.11370.
 """
 
-from keras_bit.cache import DownloadError
-from keras_bit.checkpoints import convert, load_weights, save_npz
-from keras_bit.configs import MODEL_NAMES
-from keras_bit.export import export_saved_model, fold_standardization
-from keras_bit.train import data, hyperrule, pipeline
-from keras_bit.train.distribute import MultiWorkerStrategy, tpu_strategy
-from keras_bit.train.finetune import FinetuneResult, finetune
-from keras_bit.imagenet import decode_predictions, preprocess_input
-from keras_bit.layers import GroupNormalization, StandardizedConv2D
-from keras_bit.resnet_v2 import (
+import os as _os
+import sys as _sys
+
+# The `keras-bit` command keeps TensorFlow's C++ start-up and runtime logs off the console. The
+# variable must be set before TensorFlow is imported, which this package's imports do; a value the
+# user set wins. Library users (any other program) are left alone.
+if _sys.argv and _os.path.basename(_sys.argv[0]) == "keras-bit":
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_bit.cache import DownloadError  # noqa: E402
+from keras_bit.checkpoints import convert, load_weights, save_npz  # noqa: E402
+from keras_bit.configs import MODEL_NAMES  # noqa: E402
+from keras_bit.export import export_saved_model, fold_standardization  # noqa: E402
+from keras_bit.train import data, hyperrule, pipeline  # noqa: E402
+from keras_bit.train.distribute import MultiWorkerStrategy, tpu_strategy  # noqa: E402
+from keras_bit.train.finetune import FinetuneResult, finetune  # noqa: E402
+from keras_bit.imagenet import decode_predictions, preprocess_input  # noqa: E402
+from keras_bit.layers import GroupNormalization, StandardizedConv2D  # noqa: E402
+from keras_bit.resnet_v2 import (  # noqa: E402
     BiT,
     BiTM_R50x1,
     BiTM_R50x3,

@@ -1,7 +1,8 @@
-"""The `keras-bit` command: `finetune`, `export`, `predict`, `demo` and `convert`.
+"""The `keras-bit` command: `finetune`, `report`, `export`, `predict`, `demo` and `convert`.
 
 Examples:
     keras-bit finetune --data cifar10 --weights imagenet21k --batch-size 128
+    keras-bit report bit_finetune                    # redraw bit_finetune/summary.png
     keras-bit export bit_finetune/model.keras --class-names bit_finetune/class_names.txt
     keras-bit predict cat.jpg dog.png --model saved_models/bit_m_r50x1/1 --top 3
     keras-bit demo                                   # build BiT-S-R50x1, classify a generated image
@@ -19,6 +20,28 @@ import numpy as np
 
 from keras_bit import configs
 from keras_bit.train import hyperrule
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`keras-bit finetune: error: ...`, exit status 2) and defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(value):
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _trainable_arg(value):
+    return int(value) if value.isdigit() else value
 
 
 def _weights_arg(value):
@@ -96,8 +119,8 @@ def demo(model_name="BiT-S-R50x1", weights="default", top=5, size=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="keras-bit", description="Big Transfer (BiT) for Keras 3.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="keras-bit", description="Big Transfer (BiT) for Keras 3.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="build a BiT model and classify a generated image")
     p.add_argument("--model", default="BiT-S-R50x1", choices=configs.MODEL_NAMES)
@@ -107,31 +130,48 @@ def build_parser():
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
 
     p = sub.add_parser("finetune", help="fine-tune with BiT-HyperRule (model.fit on tf.data under tf.distribute)")
-    p.add_argument("--model", default="BiT-M-R50x1", choices=configs.MODEL_NAMES)
+    p.add_argument("--model", default="BiT-M-R50x1", choices=configs.MODEL_NAMES, metavar="MODEL",
+                   help=f"one of {', '.join(configs.MODEL_NAMES)}")
     p.add_argument("--data", default="sklearn:digits",
-                   help='tfds name, image folder, or "sklearn:digits" (bundled, offline; the default)')
+                   help='tfds name, image folder, or "sklearn:digits" (bundled with scikit-learn, offline)')
     p.add_argument("--weights", default=None, type=_weights_arg,
-                   help='checkpoint to start from ("imagenet21k", "imagenet", a path); default: random init')
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=None, help="total steps (default: BiT-HyperRule's)")
+                   help='checkpoint to start from ("imagenet21k", "imagenet", a path); none: random init')
+    p.add_argument("--batch-size", type=_positive_int, default=hyperrule.BASE_BATCH_SIZE,
+                   help="global batch; may exceed the training set (it repeats, as in BiT's few-shot runs)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="total steps (default: BiT-HyperRule's)")
     p.add_argument("--resolution", type=_resolution_arg, default=None, help='CROP or RESIZE,CROP (default: HyperRule)')
     p.add_argument("--output-dir", default="bit_finetune", help="created if missing; its parent must exist")
-    p.add_argument("--examples-per-class", type=int, default=None, help="few-shot: K examples of each class")
+    p.add_argument("--examples-per-class", type=_positive_int, default=None,
+                   help="few-shot: K examples of each class")
+    p.add_argument("--examples-per-class-seed", type=int, default=None, help="seed of the few-shot draw (default: --seed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-lr", type=float, default=hyperrule.BASE_LR,
-                   help="learning rate at batch 512 (scaled linearly)")
+    p.add_argument("--base-lr", type=float, default=None,
+                   help=f"learning rate at batch 512, scaled linearly (default: {hyperrule.BASE_LR} with --weights, "
+                        f"{hyperrule.SCRATCH_BASE_LR} from random init)")
     p.add_argument("--mixup", type=float, default=None, help="MixUp alpha (default: HyperRule)")
+    p.add_argument("--trainable", type=_trainable_arg, default="all",
+                   help='"all", "head" (linear probe) or a block 1-4 (the root and blocks below it stay frozen)')
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default: at the end)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps between backups (default: a tenth)")
     p.add_argument("--split", default="train")
     p.add_argument("--eval-split", default=None)
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share when there is no eval split")
     p.add_argument("--data-dir", default=None, help="tfds data_dir")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out undecodable images (listed in skipped_images.txt) instead of stopping")
     p.add_argument("--mixed-precision", default=None, choices=("float32", "mixed_float16", "mixed_bfloat16"))
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--xla", action="store_true", help="compile the training step with XLA")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between backups")
+    p.add_argument("--nondeterministic", action="store_true",
+                   help="allow nondeterministic TensorFlow ops (default: bit-identical reruns)")
     p.add_argument("--export-dir", default=None, help="also export a serving SavedModel under this folder")
     p.add_argument("--tpu", default=None,
                    help='train on a Cloud TPU (TPUStrategy): "local" on a TPU VM, else its name or grpc:// address')
+    p.add_argument("--quiet", action="store_true", help="print only the result")
+
+    p = sub.add_parser("report", help="redraw a fine-tuning run's summary.png (curves and confusion matrix)")
+    p.add_argument("run_dir", help="the run's --output-dir")
+    p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/summary.png)")
 
     p = sub.add_parser("export", help="export a .keras model as a TF-Serving SavedModel (raw-pixel signatures)")
     p.add_argument("model", help="a .keras file (e.g. a fine-tuning run's model.keras) or a BiT model name")
@@ -154,57 +194,113 @@ def build_parser():
     return parser
 
 
+def _finetune(args):
+    from keras_bit.train.distribute import tpu_strategy
+    from keras_bit.train.finetune import finetune
+
+    strategy = tpu_strategy(args.tpu) if args.tpu else None
+    result = finetune(
+        args.model, args.data, weights=args.weights, batch_size=args.batch_size, steps=args.steps,
+        resolution=args.resolution, output_dir=args.output_dir, examples_per_class=args.examples_per_class,
+        examples_per_class_seed=args.examples_per_class_seed, seed=args.seed, base_lr=args.base_lr,
+        mixup=args.mixup, split=args.split, eval_split=args.eval_split, eval_fraction=args.eval_fraction,
+        data_dir=args.data_dir, skip_bad_images=args.skip_bad_images, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum, jit_compile=args.xla, deterministic=not args.nondeterministic,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, trainable=args.trainable,
+        export_dir=args.export_dir, strategy=strategy, verbose=0 if args.quiet else 1,
+    )
+    if args.quiet:
+        print(f"eval top-1 accuracy: {result.eval_accuracy:.4f}")
+    print(f"model: {os.path.join(result.output_dir, 'model.keras')}")
+    if result.summary_path:
+        print(f"summary: {result.summary_path}")
+    if result.export_path:
+        print(f"SavedModel: {result.export_path}")
+
+
+def _report(args):
+    from keras_bit.train import report
+
+    print(report.main(args.run_dir, args.output))
+
+
+def _export(args):
+    from keras_bit.export import export_saved_model
+    from keras_bit.predict import load_model, read_class_names
+
+    model = load_model(args.model)
+    names = read_class_names(args.class_names) if args.class_names else None
+    print(export_saved_model(model, args.export_dir, name=args.name, version=args.version,
+                             class_names=names, top_k=args.top))
+
+
+def _predict(args):
+    from keras_bit.predict import predict_files
+
+    results = predict_files(args.images, args.model, top=args.top)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for item in results:
+        print(item["image"])
+        for entry in item["top"]:
+            label = f"  {entry['label']}" if entry.get("label") is not None else ""
+            print(f"  {entry['score']:.4f}  class {entry['index']}{label}")
+
+
+def _convert(args):
+    from keras_bit.checkpoints import convert
+
+    convert(args.input, args.output, args.model)
+    print(f"Wrote {args.output}")
+
+
+_COMMANDS = {
+    "demo": lambda args: demo(args.model, args.weights, args.top, args.size),
+    "finetune": _finetune,
+    "report": _report,
+    "export": _export,
+    "predict": _predict,
+    "convert": _convert,
+}
+
+
+def _setup_logging():
+    # keras_bit's own messages only, once each: a root handler would also print TensorFlow's.
+    log = logging.getLogger("keras_bit")
+    if not any(getattr(h, "_keras_bit_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[keras-bit] %(message)s"))
+        handler._keras_bit_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def main(argv=None):
+    """Runs the `keras-bit` command; returns the exit status (2 for user errors, one line on stderr)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[keras-bit] %(message)s")
+    _setup_logging()
     try:
-        if args.command == "demo":
-            demo(args.model, args.weights, args.top, args.size)
-        elif args.command == "finetune":
-            from keras_bit.train.distribute import tpu_strategy
-            from keras_bit.train.finetune import finetune
-
-            strategy = tpu_strategy(args.tpu) if args.tpu else None
-            result = finetune(
-                args.model, args.data, weights=args.weights, batch_size=args.batch_size, steps=args.steps,
-                resolution=args.resolution, output_dir=args.output_dir,
-                examples_per_class=args.examples_per_class, seed=args.seed, base_lr=args.base_lr,
-                mixup=args.mixup, split=args.split, eval_split=args.eval_split,
-                eval_fraction=args.eval_fraction, data_dir=args.data_dir, mixed_precision=args.mixed_precision,
-                gradient_accumulation_steps=args.grad_accum, jit_compile=args.xla,
-                checkpoint_every=args.checkpoint_every, export_dir=args.export_dir, strategy=strategy, verbose=2,
-            )
-            print(f"model: {os.path.join(result.output_dir, 'model.keras')}")
-            if result.export_path:
-                print(f"SavedModel: {result.export_path}")
-        elif args.command == "export":
-            from keras_bit.export import export_saved_model
-            from keras_bit.predict import load_model, read_class_names
-
-            model = load_model(args.model)
-            names = read_class_names(args.class_names) if args.class_names else None
-            print(export_saved_model(model, args.export_dir, name=args.name, version=args.version,
-                                     class_names=names, top_k=args.top))
-        elif args.command == "predict":
-            from keras_bit.predict import predict_files
-
-            results = predict_files(args.images, args.model, top=args.top)
-            if args.json:
-                print(json.dumps(results, indent=2))
-            else:
-                for item in results:
-                    print(item["image"])
-                    for entry in item["top"]:
-                        label = f"  {entry['label']}" if entry.get("label") is not None else ""
-                        print(f"  {entry['score']:.4f}  class {entry['index']}{label}")
-        elif args.command == "convert":
-            from keras_bit.checkpoints import convert
-
-            convert(args.input, args.output, args.model)
-            print(f"Wrote {args.output}")
+        _COMMANDS[args.command](args)
     except (ValueError, OSError) as e:
-        print(f"keras-bit {args.command}: error: {e}", file=sys.stderr)
+        from keras_bit.train.plan import RunMismatchError
+
+        message = e.describe(flags=True) if isinstance(e, RunMismatchError) else str(e)
+        print(f"keras-bit {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"keras-bit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        import tensorflow as tf
+
+        if not isinstance(e, tf.errors.OpError):
+            raise
+        # A TensorFlow runtime failure (a file removed mid-run, out of memory): its first line, not the trace.
+        first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0]
+        print(f"keras-bit {args.command}: error: {first}", file=sys.stderr)
+        return 1
     return 0
 
 

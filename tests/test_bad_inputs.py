@@ -22,7 +22,7 @@ import tensorflow as tf
 import keras_bit
 from helpers import TINY, images, tiny_checkpoint, tiny_model
 from keras_bit.layers import StandardizedConv2D
-from test_train_finetune import TINY_BUILDER, _Crash, _run, learnable
+from helpers import TINY_BUILDER, Crash, learnable, run_finetune
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs Linux /proc")
@@ -44,13 +44,13 @@ def test_unwritable_output_dir_without_root(tmp_path):
 
 def test_resume_with_a_different_model_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "r", steps=10, checkpoint_every=2, callbacks=[_Crash(after_batches=3)])
+        run_finetune(tmp_path, "r", steps=10, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
     wider = functools.partial(keras_bit.ResNetV2, **dict(TINY, width_factor=2))
-    with pytest.raises(ValueError, match=r"holds a backup of a different run \(model: .*ResNetV2\(.*width_factor=2"):
+    with pytest.raises(ValueError, match=r"holds a backup of a run with other settings: model=.* -> .*ResNetV2\(.*width_factor=2"):
         keras_bit.finetune(wider, learnable(), output_dir=tmp_path / "r", steps=10, checkpoint_every=2, batch_size=8,
                            resolution=(36, 32), base_lr=0.5, verbose=0)
     # The backup is untouched: the original run still resumes and completes.
-    assert _run(tmp_path, "r", steps=10, checkpoint_every=2).steps == 10
+    assert run_finetune(tmp_path, "r", steps=10, checkpoint_every=2).steps == 10
 
 
 def test_tpu_flag_without_a_tpu_is_one_clear_line(capsys):
@@ -90,9 +90,9 @@ def test_all_zero_kernel_gives_zeros_and_finite_gradients(rng):
 
 
 def test_mixed_float16_long_run_keeps_loss_scaling_and_finite_values(tmp_path):
-    result = _run(tmp_path, steps=60, checkpoint_every=30, mixed_precision="mixed_float16", base_lr=1.0)
+    result = run_finetune(tmp_path, steps=60, checkpoint_every=30, mixed_precision="mixed_float16", base_lr=1.0)
     assert keras.config.dtype_policy().name == "float32"  # restored after the run
-    losses = result.history["loss"]
+    losses = [h["loss"] for h in result.history]
     assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert all(np.all(np.isfinite(w.numpy())) for w in result.model.weights)
     assert result.eval_accuracy >= 0.8
@@ -100,7 +100,7 @@ def test_mixed_float16_long_run_keeps_loss_scaling_and_finite_values(tmp_path):
     # saved as `inner_optimizer`, beside the dynamic scale's own variables).
     import h5py
 
-    with h5py.File(tmp_path / "run" / "backup" / "latest.weights.h5") as f:
+    with h5py.File(tmp_path / "run" / "backup" / "step-000000060.weights.h5") as f:
         names = []
         f.visit(names.append)
     assert "optimizer/inner_optimizer/vars" in names, [n for n in names if n.startswith("optimizer")][:5]

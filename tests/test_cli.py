@@ -41,7 +41,7 @@ def test_finetune_command_on_bundled_digits(tmp_path, capsys):
     import json
 
     run = json.loads((out / "run.json").read_text())
-    assert run["model"] == "BiT-M-R50x1" and run["supports"] == [1, 2, 3, 4, 5] and run["resolution"] == [32, 32]
+    assert run["model"] == "BiT-M-R50x1" and run["schedule"] == [1, 2, 3, 4, 5] and run["resolution"] == [32, 32]
     assert run["data"] == "sklearn:digits" and run["train_examples"] == 1438
 
 

@@ -152,8 +152,12 @@ def test_image_folder_with_train_and_test(tmp_path):
 
 def test_folder_errors(tmp_path):
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    with pytest.raises(ValueError, match="is empty: no images under its class sub-folders"):
+    with pytest.raises(ValueError, match="Class folder .*empty/a' holds no images"):
         data.from_folder(tmp_path / "empty")
+    root = _image_folder(tmp_path / "one_empty")
+    (root / "bird").mkdir()
+    with pytest.raises(ValueError, match="Class folder .*bird' holds no images"):
+        data.from_folder(root)
     with pytest.raises(ValueError, match="has no class sub-folders"):
         (tmp_path / "flat").mkdir()
         data.from_folder(tmp_path / "flat")
@@ -163,10 +167,91 @@ def test_folder_errors(tmp_path):
         data.from_folder(root)
     root = _image_folder(tmp_path / "broken")
     (root / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
-    with pytest.raises(ValueError, match=r"Unreadable image file .*bad.jpg"):
+    with pytest.raises(ValueError, match=r"1 of 11 images under .* cannot be decoded by TensorFlow: .*bad.jpg"):
         data.from_folder(root)
     with pytest.raises(ValueError, match="Image folder not found"):
         data.from_folder(tmp_path / "nope" / "x")
+
+
+def _truncated_jpeg(path, size=(40, 60)):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # the header survives: PIL's verify() accepts it
+
+
+def test_truncated_jpeg_is_caught_before_training(tmp_path):
+    root = _image_folder(tmp_path / "pets")
+    _truncated_jpeg(root / "dog" / "cut.jpg")
+    from PIL import Image as PILImage
+
+    with PILImage.open(root / "dog" / "cut.jpg") as im:
+        im.verify()  # the old header-only check passed this file
+    with pytest.raises(ValueError, match=r"cannot be decoded by TensorFlow: .*dog/cut.jpg.*--skip-bad-images"):
+        data.load(str(root))
+    ds = data.load(str(root), skip_bad_images=True)
+    assert ds.skipped == [str(root / "dog" / "cut.jpg")]
+    assert len(ds.train) + len(ds.eval) == 10
+    assert str(root / "dog" / "cut.jpg") not in set(ds.train.records) | set(ds.eval.records)
+
+
+def test_every_decodable_format_loads_and_sizes_are_decoded(tmp_path):
+    root = tmp_path / "formats"
+    rng = np.random.default_rng(0)
+    for c, fmt in (("a", "webp"), ("a", "bmp"), ("b", "gif"), ("b", "png"), ("a", "jpeg"), ("b", "jpg")):
+        os.makedirs(root / c, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(24, 28, 3), dtype=np.uint8)).save(root / c / f"x.{fmt}")
+    sizes, bad = data.decode_check(np.array(sorted(str(p) for p in root.rglob("x.*"))))
+    assert bad == [] and sizes.tolist() == [[24, 28]] * 6
+    ds = data.load(str(root))
+    assert ds.image_size == (24, 28) and len(ds.train) + len(ds.eval) == 6
+
+
+def test_class_names_must_be_single_line_and_distinct(tmp_path):
+    root = _image_folder(tmp_path / "nl", classes=("cat", "dog\nhouse"))
+    with pytest.raises(ValueError, match=r"single-line string. Received: 'dog\\nhouse'"):
+        data.load(str(root))
+    images, labels = _arrays()
+    with pytest.raises(ValueError, match="class names must be distinct"):
+        data.load(data.from_arrays(images, labels, class_names=["a", "b", "a"]))
+    with pytest.raises(ValueError, match="2 names for 3 classes"):
+        data.load(data.from_arrays(images, labels, class_names=["a", "b"], num_classes=3))
+
+
+def test_sparse_labels_say_how_to_remap():
+    images, _ = _arrays(n_per_class=1, classes=2)
+    with pytest.raises(ValueError, match=r"2 distinct values between 0 and 1000000. Remap them first: "
+                                         r"`classes, labels = np.unique\(labels, return_inverse=True\)`"):
+        data.load((images, np.array([0, 10**6])))
+    with pytest.raises(ValueError, match="3 distinct values between 1 and 3"):
+        data.load((_arrays()[0], np.repeat([1, 2, 3], 6)))
+
+
+def test_one_class_is_refused(tmp_path):
+    images, _ = _arrays()
+    with pytest.raises(ValueError, match="needs at least 2 classes; the data set 'arrays' has 1"):
+        data.load((images, np.zeros(len(images), int)))
+    root = _image_folder(tmp_path / "solo", classes=("cat",))
+    with pytest.raises(ValueError, match="needs at least 2 classes; the data set 'solo' has 1"):
+        data.load(str(root))
+
+
+def test_fingerprint_follows_the_examples(tmp_path):
+    images, labels = _arrays()
+    a = data.Split(images, labels, "arrays")
+    assert a.fingerprint() == data.Split(images.copy(), labels.copy(), "arrays").fingerprint()
+    changed = images.copy()
+    changed[0, 0, 0, 0] ^= 1
+    assert data.Split(changed, labels, "arrays").fingerprint() != a.fingerprint()
+    assert data.Split(images, labels[::-1].copy(), "arrays").fingerprint() != a.fingerprint()
+    root = _image_folder(tmp_path / "pets")
+    moved = tmp_path / "elsewhere" / "pets"
+    first = data.load(str(root)).train.fingerprint()
+    os.makedirs(moved.parent)
+    os.rename(root, moved)
+    assert data.load(str(moved)).train.fingerprint() == first  # the data set may move
+    os.remove(sorted(moved.rglob("*.png"))[0])
+    assert data.load(str(moved)).train.fingerprint() != first
 
 
 def test_array_errors():
@@ -179,16 +264,3 @@ def test_array_errors():
         data.from_arrays(images, np.where(labels == 0, -1, labels), num_classes=3)
     with pytest.raises(ValueError, match=r"look like \[0, 1\] floats"):
         data.from_arrays(images / 255.0, labels)
-
-
-def test_tfds_mock_cifar10():
-    import tensorflow_datasets as tfds
-
-    with tfds.testing.mock_data(num_examples=12):
-        ds = data.load("cifar10")
-    assert ds.num_classes == 10 and ds.image_size == (32, 32) and len(ds.class_names) == 10
-    assert len(ds.train) == 12 and ds.train.kind == "encoded"
-    x, y = next(pipeline.train_pipeline(ds.train, 10, 4, 40, 32).as_numpy_iterator())
-    assert x.shape == (4, 32, 32, 3) and y.shape == (4, 10)
-    with pytest.raises(ValueError, match="Could not load tfds data set 'no_such_dataset_xyz'"):
-        data.load("no_such_dataset_xyz")

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 
-from test_train_finetune import _run
+from helpers import run_finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(batch_size=8, steps=8, checkpoint_every=2, mixup=0.0)
@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, "tests")
     import keras
     import keras_bit
-    from test_train_finetune import learnable, TINY_BUILDER
+    from helpers import learnable, TINY_BUILDER
     settings = json.loads(sys.argv[2])
     pause = float(sys.argv[3])  # seconds per step, so that the test can kill a worker mid-run
     slow = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: time.sleep(pause))
@@ -75,12 +75,14 @@ def _finish(procs, log_dir, timeout=600):
     return reports
 
 
-def _metadata_epoch(output_dir):
+def _backed_up_step(output_dir):
+    """The newest backup's step (0 before the first): read from the file names, safe while the chief writes."""
     try:
-        with open(os.path.join(output_dir, "backup", "training_metadata.json")) as f:
-            return json.load(f)["epoch"]
-    except (OSError, ValueError):
+        names = os.listdir(os.path.join(output_dir, "backup"))
+    except OSError:
         return 0
+    steps = [int(n[len("step-"):-len(".weights.h5")]) for n in names if n.startswith("step-")]
+    return max(steps, default=0)
 
 
 def test_two_workers_match_one_process(tmp_path):
@@ -89,12 +91,13 @@ def test_two_workers_match_one_process(tmp_path):
     assert [r["type"] for r in reports] == ["MultiWorkerStrategy"] * 2  # keras_bit's MultiWorkerMirroredStrategy
     assert [r["replicas"] for r in reports] == [2, 2]
     # Chief-only files: worker 1 wrote nothing of its own; the chief's model loads.
-    assert sorted(os.listdir(out)) == ["backup", "class_names.txt", "logs", "metrics.csv", "model.keras", "run.json"]
+    assert sorted(os.listdir(out)) == ["backup", "class_names.txt", "logs", "metrics.csv", "model.keras",
+                                       "results.json", "run.json", "summary.png"]
     assert json.loads((out / "run.json").read_text())["replicas"] == 2
-    assert _metadata_epoch(out) == 4  # 8 steps in chunks of 2
+    assert _backed_up_step(out) == 8  # the last of 4 backups, one every 2 steps
     cluster = keras.saving.load_model(out / "model.keras")
 
-    single = _run(tmp_path, "single", **SETTINGS)
+    single = run_finetune(tmp_path, "single", **SETTINGS)
     # Same global batch of 8: each worker computes its 4 examples' mean loss, the
     # all-reduce averages the two halves. Only the float32 summation order differs
     # (two partial sums vs one), ~1e-7 relative per step; 8 steps stay far below
@@ -112,10 +115,10 @@ def test_killed_worker_then_restarted_cluster_resumes_from_the_backup(tmp_path):
     procs = _start_cluster(out, settings, tmp_path, pause=0.5)
     try:
         deadline = time.monotonic() + 300
-        while _metadata_epoch(out) < 2 and time.monotonic() < deadline and procs[0].poll() is None:
+        while _backed_up_step(out) < 2 and time.monotonic() < deadline and procs[0].poll() is None:
             time.sleep(0.2)
-        killed_at = _metadata_epoch(out)
-        assert 2 <= killed_at < 8, f"chief backed up {killed_at} of 8 chunks before the kill"
+        killed_at = _backed_up_step(out)
+        assert 2 <= killed_at < 8, f"chief backed up step {killed_at} of 8 before the kill"
         procs[1].send_signal(signal.SIGKILL)  # worker 1 dies mid-run
         procs[1].wait()
         try:  # the chief cannot finish without its peer: it errors out or hangs in the all-reduce
@@ -127,23 +130,23 @@ def test_killed_worker_then_restarted_cluster_resumes_from_the_backup(tmp_path):
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    stopped_at = _metadata_epoch(out)
+    stopped_at = _backed_up_step(out)
     assert stopped_at < 8, "the run finished although a worker was killed"
 
     reports = _finish(_start_cluster(out, settings, tmp_path), tmp_path)  # the same command again
     assert [r["steps"] for r in reports] == [8, 8]
-    assert _metadata_epoch(out) == 8
-    chunks = [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().strip().splitlines()[1:]]
-    # metrics.csv (appended by the chief, one row per chunk, numbered globally): the
-    # first run's chunks, then the restarted run from the last backup on. A restart
-    # from scratch would repeat chunks 0.., a lost backup would skip some.
-    assert chunks == list(range(8)), (stopped_at, chunks)
+    assert _backed_up_step(out) == 8
+    steps = [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().strip().splitlines()[1:]]
+    # metrics.csv (written by the chief, one row per chunk, keyed by step): the first
+    # run's chunks, then the restarted run's from the last backup on. A restart from
+    # scratch would repeat steps, a lost backup would skip some.
+    assert steps == list(range(1, 9)), (stopped_at, steps)
     # The restarted cluster continued the same data stream from the restored step and
     # optimizer state: it ends with the weights of an uninterrupted one-process run.
     # Same tolerance as above; this tiny net at 32 px is chaotic enough that longer runs
     # amplify float32 reordering (a 1e-6 change of the learning rate moves weights by 1e-3
     # after 40 steps), so the run is kept at 8 steps.
-    single = _run(tmp_path, "single", **settings)
+    single = run_finetune(tmp_path, "single", **settings)
     for a, b in zip(single.model.weights, keras.saving.load_model(out / "model.keras").weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
 

@@ -1,4 +1,7 @@
-import functools
+"""keras_bit.finetune end to end on a tiny BiT: learning, outputs, resume (exact or refused), few-shot,
+evaluation while training, partial fine-tuning, precision, accumulation, a two-replica MirroredStrategy."""
+
+import csv
 import json
 import os
 import subprocess
@@ -10,131 +13,221 @@ import numpy as np
 import pytest
 
 import keras_bit
-from helpers import TINY
-from keras_bit.train.finetune import finetune
-
-TINY_BUILDER = functools.partial(keras_bit.ResNetV2, **TINY)
+from helpers import TINY_BUILDER, Crash, learnable, run_finetune
+from keras_bit.train import plan
 
 
-def learnable(n_per_class=24, size=16, seed=0):
-    """Three classes told apart by colour: a task a tiny BiT learns in a few dozen steps."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(3), n_per_class)
-    base = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])[labels]
-    images = base[:, None, None, :] + rng.integers(-30, 30, size=(len(labels), size, size, 3))
-    return np.clip(images, 0, 255).astype(np.uint8), labels
-
-
-def _run(tmp_path, name="run", **kwargs):
-    kwargs.setdefault("batch_size", 8)
-    kwargs.setdefault("steps", 20)
-    kwargs.setdefault("resolution", (36, 32))
-    kwargs.setdefault("base_lr", 0.5)
-    kwargs.setdefault("verbose", 0)
-    return finetune(TINY_BUILDER, learnable(), output_dir=tmp_path / name, **kwargs)
+def _metrics(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_finetune_learns_and_writes_outputs(tmp_path, capsys):
-    result = _run(tmp_path, steps=30)
+    result = run_finetune(tmp_path, steps=30, verbose=1)
     assert result.eval_accuracy >= 0.8  # chance is 1/3
-    assert f"eval top-1 accuracy: {result.eval_accuracy:.4f}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"eval top-1 accuracy: {result.eval_accuracy:.4f}" in printed
+    steps = [line.split()[1] for line in printed.splitlines() if line.startswith("step ")]
+    assert steps == [f"{s}/30" for s in range(3, 31, 3)]  # one line per chunk of 3 steps
     assert result.steps == 30 and result.supports == (6, 12, 18, 24, 30) and result.resolution == (36, 32)
     assert result.model.output_shape == (None, 3)
     probs = result.model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     out = tmp_path / "run"
-    for name in ("model.keras", "metrics.csv", "run.json", "class_names.txt", "backup", "logs"):
+    for name in ("model.keras", "metrics.csv", "results.json", "run.json", "class_names.txt", "backup", "logs"):
         assert (out / name).exists(), name
-    assert len((out / "metrics.csv").read_text().strip().splitlines()) == 1 + 10  # header + 10 chunks
+    rows = _metrics(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(3, 31, 3))
+    assert [r["val_accuracy"] for r in rows[:-1]] == [""] * 9  # evaluated only at the end by default
+    results = json.loads((out / "results.json").read_text())
+    assert float(rows[-1]["val_accuracy"]) == pytest.approx(results["eval"]["accuracy"]) == result.eval_accuracy
+    confusion = np.array(results["confusion_matrix"])
+    assert confusion.shape == (3, 3) and confusion.sum() == results["eval"]["examples"] == 14
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(result.eval_accuracy)
     assert json.loads((out / "run.json").read_text())["learning_rate"] == pytest.approx(0.5 * 8 / 512)
     restored = keras.saving.load_model(out / "model.keras")
     x = keras_bit.pipeline.eval_transform(learnable()[0][:4], 32)
     np.testing.assert_allclose(restored.predict(x, verbose=0), result.model.predict(x, verbose=0), atol=1e-6)
 
 
-class _Crash(keras.callbacks.Callback):
-    def __init__(self, after_batches):
-        super().__init__()
-        self.after = after_batches
-        self.seen = 0
+def test_final_metrics_match_an_independent_evaluation(tmp_path):
+    result = run_finetune(tmp_path, steps=10)
+    dataset = keras_bit.data.load(learnable())
+    x = keras_bit.pipeline.eval_transform(dataset.eval.records, 32)
+    probs = result.model.predict(x, verbose=0).astype(np.float64)
+    labels = dataset.eval.labels
+    assert result.eval_metrics["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels))
+    loss = -np.mean(np.log(probs[np.arange(len(labels)), labels]))
+    assert result.eval_metrics["loss"] == pytest.approx(loss, rel=1e-4)
+    assert result.eval_metrics["top5_accuracy"] == 1.0  # 3 classes: top-3 always holds the label
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.seen += 1
-        if self.seen == self.after:
-            raise KeyboardInterrupt("simulated crash")
+
+def test_eval_every_fills_metrics_and_tensorboard(tmp_path):
+    result = run_finetune(tmp_path, steps=12, checkpoint_every=6, eval_every=4)
+    rows = _metrics(tmp_path / "run" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]  # chunks of gcd(6, 4) steps
+    evaluated = [int(r["step"]) for r in rows if r["val_accuracy"]]
+    assert evaluated == [4, 8, 12]
+    assert all(0.0 <= float(r["val_top5_accuracy"]) <= 1.0 for r in rows if r["val_accuracy"])
+    assert [h["step"] for h in result.history] == [2, 4, 6, 8, 10, 12]
+    runs = sorted(os.listdir(tmp_path / "run" / "logs"))
+    assert runs == ["train", "validation"] and os.listdir(tmp_path / "run" / "logs" / "validation")
+
+
+def test_last_chunk_may_be_shorter(tmp_path):
+    result = run_finetune(tmp_path, steps=10, checkpoint_every=4)
+    rows = _metrics(tmp_path / "run" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [4, 8, 10]
+    assert int(result.model.layers[-1].input.shape[-1]) == 3
+    assert sorted(os.listdir(tmp_path / "run" / "backup"))[-1] == "step-000000010.weights.h5"
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     settings = dict(steps=12, checkpoint_every=4, mixup=0.2)
-    reference = _run(tmp_path, "straight", **settings)
+    reference = run_finetune(tmp_path, "straight", **settings)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "crashed", callbacks=[_Crash(after_batches=6)], **settings)  # dies in chunk 2
-    metadata = json.loads((tmp_path / "crashed" / "backup" / "training_metadata.json").read_text())
-    assert metadata["epoch"] == 1  # chunk 1 (steps 1-4) was backed up
-    resumed = _run(tmp_path, "crashed", **settings)
-    assert resumed.steps == 12
-    lines = (tmp_path / "crashed" / "metrics.csv").read_text().strip().splitlines()
-    assert [line.split(",")[0] for line in lines[1:]] == ["0", "1", "2"]  # chunks 2 and 3 ran after the restart
+        run_finetune(tmp_path, "crashed", callbacks=[Crash(after_batches=6)], **settings)  # dies in chunk 2
+    assert sorted(os.listdir(tmp_path / "crashed" / "backup")) == ["step-000000004.weights.h5"]
+    resumed = run_finetune(tmp_path, "crashed", **settings)
+    assert resumed.steps == 12 and [h["step"] for h in resumed.history] == [8, 12]  # only what was left
+    assert [r["step"] for r in _metrics(tmp_path / "crashed" / "metrics.csv")] == ["4", "8", "12"]
     for a, b in zip(reference.model.weights, resumed.model.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)  # deterministic: bit-identical
 
 
-def test_resume_refuses_a_different_run(tmp_path):
+def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, caplog):
+    first = run_finetune(tmp_path, steps=6)
+    with caplog.at_level("INFO", logger="keras_bit"):
+        again = run_finetune(tmp_path, steps=6)
+    assert "is complete (step 6 of 6): nothing left to train" in caplog.text
+    assert again.eval_accuracy == first.eval_accuracy and again.history[-1]["step"] == 6
+    assert [r["step"] for r in _metrics(tmp_path / "run" / "metrics.csv")].count("6") == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(checkpoint_every=4), "checkpoint_every=2 -> 4"),
+    (dict(base_lr=0.25), "base_lr=0.5 -> 0.25"),
+    (dict(mixed_precision="mixed_bfloat16"), "mixed_precision=None -> 'mixed_bfloat16'"),
+    (dict(steps=12), "steps=10 -> 12"),
+    (dict(batch_size=4), "batch_size=8 -> 4"),
+    (dict(mixup=0.1), "mixup=0.0 -> 0.1"),
+    (dict(seed=1), "seed=0 -> 1"),
+    (dict(trainable="head"), "trainable='all' -> 'head'"),
+    (dict(deterministic=False), "deterministic=True -> False"),
+    (dict(data=learnable(n_per_class=23)), "data="),
+])
+def test_resume_refuses_any_changed_setting(tmp_path, change, message):
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "r", steps=10, checkpoint_every=2, callbacks=[_Crash(after_batches=3)])
-    with pytest.raises(ValueError, match=r"holds a backup of a different run \(batch_size: 8 -> 4"):
-        _run(tmp_path, "r", steps=10, checkpoint_every=2, batch_size=4)
+        run_finetune(tmp_path, "r", steps=10, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
+    before = sorted(os.listdir(tmp_path / "r" / "backup"))
+    with pytest.raises(plan.RunMismatchError, match=message):
+        run_finetune(tmp_path, "r", **{**dict(steps=10, checkpoint_every=2), **change})
+    assert sorted(os.listdir(tmp_path / "r" / "backup")) == before  # nothing touched
+    assert run_finetune(tmp_path, "r", steps=10, checkpoint_every=2).steps == 10  # the original still resumes
+
+
+def test_presentation_options_may_change_on_resume(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(tmp_path, "r", steps=8, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
+    result = run_finetune(tmp_path, "r", steps=8, checkpoint_every=2, eval_every=4, verbose=1)
+    assert result.steps == 8
+
+
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_few_shot_trains_at_a_batch_larger_than_the_draw(tmp_path, k):
+    result = run_finetune(tmp_path, steps=5, batch_size=32, examples_per_class=k, seed=3)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["train_examples"] == 3 * k and run["examples_per_class_seed"] == 3
+    assert len(result.history) and np.isfinite(result.history[-1]["loss"])
+
+
+def test_few_shot_draw_has_its_own_seed(tmp_path):
+    dataset = keras_bit.data.load(learnable())
+    a = keras_bit.data.few_shot(dataset.train, 2, 3, seed=0)
+    b = keras_bit.data.few_shot(dataset.train, 2, 3, seed=1)
+    assert not np.array_equal(a.records, b.records)
+    run_finetune(tmp_path, "x", steps=5, examples_per_class=2, seed=0, examples_per_class_seed=1)
+    run_finetune(tmp_path, "y", steps=5, examples_per_class=2, seed=0, examples_per_class_seed=0)
+    fx = json.loads((tmp_path / "x" / "run.json").read_text())["train_fingerprint"]
+    fy = json.loads((tmp_path / "y" / "run.json").read_text())["train_fingerprint"]
+    assert fx == b.fingerprint() and fy == a.fingerprint() and fx != fy
+
+
+@pytest.mark.parametrize("trainable,frozen_prefixes", [
+    ("head", ("root_", "block1_", "block2_", "block3_", "block4_", "post_gn")),
+    (3, ("root_", "block1_", "block2_")),
+])
+def test_partial_finetuning_keeps_frozen_weights_bit_identical(tmp_path, trainable, frozen_prefixes):
+    keras.utils.set_random_seed(0)
+    initial = TINY_BUILDER(weights=None, input_shape=(32, 32, 3), classes=3, classifier_activation=None)
+    before = {w.path: w.numpy().copy() for w in initial.weights}
+    result = run_finetune(tmp_path, steps=6, trainable=trainable)  # same seed: same initial weights
+    after = {w.path: w.numpy() for w in result.model.weights}
+    frozen = [p for p in before if p.startswith(frozen_prefixes)]
+    trained = [p for p in before if not p.startswith(frozen_prefixes)]
+    assert frozen and trained
+    for path in frozen:
+        np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    assert any(not np.array_equal(after[p], before[p]) for p in trained)
+    assert all(not np.array_equal(after[p], before[p]) for p in trained if p.startswith("head"))
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     """GroupNorm is per example, so 2 micro-batches of 4 give the batch-8 gradient."""
-    full = _run(tmp_path, "full", steps=6, mixup=0.0)
-    split = _run(tmp_path, "split", steps=6, mixup=0.0, gradient_accumulation_steps=2)
+    full = run_finetune(tmp_path, "full", steps=6, mixup=0.0)
+    split = run_finetune(tmp_path, "split", steps=6, mixup=0.0, gradient_accumulation_steps=2)
     for a, b in zip(full.model.weights, split.model.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4, err_msg=a.path)  # bug: 4e-2
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4, err_msg=a.path)
+
+
+def test_gradient_accumulation_never_replaces_the_callers_strategy(tmp_path):
+    import tensorflow as tf
+
+    with pytest.raises(ValueError, match="cannot run under MirroredStrategy.*keras-team/keras#17429"):
+        run_finetune(tmp_path, gradient_accumulation_steps=2, strategy=tf.distribute.MirroredStrategy())
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_run(tmp_path, policy):
-    result = _run(tmp_path, steps=10, mixed_precision=policy)
+    result = run_finetune(tmp_path, steps=10, mixed_precision=policy)
     assert keras.config.dtype_policy().name == "float32"  # restored
     assert np.isfinite(result.eval_accuracy)
     assert all(np.all(np.isfinite(w.numpy())) for w in result.model.weights)
 
 
-def test_few_shot_run(tmp_path):
-    _run(tmp_path, steps=5, examples_per_class=4, seed=3)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["train_examples"] == 12
-
-
 def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="must be divisible by gradient_accumulation_steps"):
-        _run(tmp_path, gradient_accumulation_steps=3)
-    with pytest.raises(ValueError, match="`mixed_precision` must be one of"):
-        _run(tmp_path, mixed_precision="float16")
+        run_finetune(tmp_path, gradient_accumulation_steps=3)
     with pytest.raises(ValueError, match="The parent of `output_dir` does not exist"):
-        finetune(TINY_BUILDER, learnable(), output_dir=tmp_path / "no" / "such" / "dir")
+        keras_bit.finetune(TINY_BUILDER, learnable(), output_dir=tmp_path / "no" / "such" / "dir")
+    with pytest.raises(ValueError, match="`output_dir` must be a non-empty path"):
+        keras_bit.finetune(TINY_BUILDER, learnable(), output_dir="")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="`output_dir` is a file"):
+        keras_bit.finetune(TINY_BUILDER, learnable(), output_dir=tmp_path / "file")
     with pytest.raises(ValueError, match="Unknown BiT model name"):
-        finetune("BiT-Q-R50x1", learnable(), output_dir=tmp_path / "x")
-    with pytest.raises(ValueError, match=r"`resolution` must be None"):
-        _run(tmp_path, resolution=(32, 64))
+        keras_bit.finetune("BiT-Q-R50x1", learnable(), output_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match=r"`mixup` \(MixUp alpha\) must be a finite number >= 0"):
+        run_finetune(tmp_path, mixup=float("nan"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 MIRRORED_SCRIPT = textwrap.dedent(
     """
-    import functools, json, sys
+    import json, sys
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, "tests")
     import keras_bit
-    from test_train_finetune import learnable, TINY_BUILDER
+    from helpers import learnable, TINY_BUILDER
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     result = keras_bit.finetune(TINY_BUILDER, learnable(), batch_size=8, steps=20, resolution=(36, 32),
-                                base_lr=0.5, output_dir=sys.argv[1], strategy=strategy, verbose=0)
+                                base_lr=0.5, output_dir=sys.argv[1], strategy=strategy, verbose=0, eval_every=10)
     kernel = result.model.get_layer("root_block_conv").kernel
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "accuracy": result.eval_accuracy,
-                      "loss": result.history["loss"], "mirrored": len(getattr(kernel.value, "values", ()))}))
+                      "loss": [h["loss"] for h in result.history], "mirrored": len(getattr(kernel.value, "values", ())),
+                      "val": [h["val_accuracy"] for h in result.history]}))
     """
 )
 
@@ -148,3 +241,4 @@ def test_mirrored_strategy_two_logical_cpus(tmp_path):
     assert report["replicas"] == 2 and report["mirrored"] == 2  # one copy of each variable per replica
     assert report["loss"][-1] < report["loss"][0]
     assert report["accuracy"] >= 0.6
+    assert report["val"][4] is not None and report["val"][-1] == report["accuracy"]  # evaluated at 10 and 20

@@ -6,6 +6,8 @@ shuffling and resuming are cheap.
 """
 
 import dataclasses
+import hashlib
+import logging
 import os
 
 import numpy as np
@@ -13,7 +15,10 @@ import tensorflow as tf
 
 from keras_bit.validation import check_positive_int
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+logger = logging.getLogger("keras_bit")
+
+# What tf.io.decode_image reads (the first frame of a GIF).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 @dataclasses.dataclass
@@ -37,6 +42,26 @@ class Split:
     def subset(self, indices):
         return Split(self.records[indices], self.labels[indices], self.kind)
 
+    def fingerprint(self):
+        """A digest of the examples and labels: what a resumed run must find unchanged.
+
+        Files count by path (relative to their common folder, so the data set
+        may move) and size; encoded records and arrays by their bytes.
+        """
+        digest = hashlib.sha256(self.kind.encode())
+        digest.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+        if self.kind == "files":
+            paths = [os.fspath(p) for p in self.records]
+            root = os.path.dirname(os.path.commonpath(paths)) if paths else ""
+            for path in paths:
+                digest.update(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\0".encode())
+        elif self.kind == "encoded":
+            for record in self.records:
+                digest.update(len(record).to_bytes(8, "little") + bytes(record))
+        else:
+            digest.update(str(self.records.shape).encode() + np.ascontiguousarray(self.records).tobytes())
+        return digest.hexdigest()[:20]
+
 
 @dataclasses.dataclass
 class Dataset:
@@ -48,6 +73,7 @@ class Dataset:
     class_names: list
     image_size: tuple  # typical (height, width) of the raw images, for BiT-HyperRule
     name: str = ""
+    skipped: list = dataclasses.field(default_factory=list)  # undecodable files left out
 
 
 def _check_labels(labels, num_classes, where):
@@ -62,6 +88,36 @@ def _check_labels(labels, num_classes, where):
             f"[{labels.min()}, {labels.max()}]"
         )
     return labels.astype(np.int64)
+
+
+def _infer_num_classes(labels):
+    """C when the labels are exactly 0..C-1 (each present); else a ValueError saying how to remap."""
+    _check_labels(labels, np.iinfo(np.int64).max, "`labels`")
+    distinct = np.unique(labels)
+    if distinct[0] != 0 or distinct[-1] != len(distinct) - 1:
+        raise ValueError(
+            f"`labels` must be the class indices 0..C-1, each present (C is inferred from them). Received "
+            f"{len(distinct)} distinct values between {distinct[0]} and {distinct[-1]}. Remap them first: "
+            "`classes, labels = np.unique(labels, return_inverse=True)`, and build the data set with "
+            "`keras_bit.data.from_arrays(images, labels, class_names=classes)`."
+        )
+    return len(distinct)
+
+
+def check_class_names(names, num_classes, where="class names"):
+    """Class names must be `num_classes` distinct, non-empty, single-line strings (one per line in class_names.txt)."""
+    names = [str(n) if isinstance(n, (np.str_, np.integer)) else n for n in names]
+    if len(names) != num_classes:
+        raise ValueError(f"{where}: {len(names)} names for {num_classes} classes.")
+    for name in names:
+        if not isinstance(name, str) or not name.strip() or "\n" in name or "\r" in name:
+            raise ValueError(
+                f"{where}: every class name must be a non-empty single-line string. Received: {name!r}"
+            )
+    if len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{where}: class names must be distinct. Repeated: {duplicates[:5]}")
+    return names
 
 
 def _as_uint8(images, where):
@@ -101,7 +157,8 @@ def from_arrays(images, labels, eval_data=None, eval_fraction=0.2, seed=0, class
     if len(images) == 0:
         raise ValueError("The data set is empty: `images` has no examples.")
     labels = np.asarray(labels)
-    num_classes = num_classes or int(labels.max()) + 1
+    if num_classes is None:
+        num_classes = len(class_names) if class_names is not None else _infer_num_classes(labels)
     labels = _check_labels(labels, num_classes, "`labels`")
     full = Split(_as_uint8(images, "`images`"), labels, "arrays")
     if eval_data is not None:
@@ -129,8 +186,10 @@ def _list_image_folder(root):
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
         raise ValueError(f"Image folder {root!r} has no class sub-folders (expected {root}/<class>/<image>).")
+    check_class_names(classes, len(classes), f"Class folders of {root!r}")
     paths, labels, bad = [], [], []
     for label, name in enumerate(classes):
+        count = len(paths)
         for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
             for f in sorted(files):
                 if f.startswith("."):
@@ -141,30 +200,48 @@ def _list_image_folder(root):
                     continue
                 paths.append(path)
                 labels.append(label)
+        if len(paths) == count and not bad:
+            raise ValueError(f"Class folder {os.path.join(root, name)!r} holds no images: add some or remove it.")
     if bad:
         raise ValueError(f"Image folder {root!r} holds files that are not images: " + "; ".join(bad[:5]))
-    if not paths:
-        raise ValueError(f"Image folder {root!r} is empty: no images under its class sub-folders {classes}.")
     return np.array(paths), np.array(labels, np.int64), classes
 
 
-def _check_images(paths):
-    """Opens every image header with PIL (fast) and returns the median (height, width)."""
-    from PIL import Image
+def decode_check(paths):
+    """Decodes every image file once, fully, with TensorFlow's decoder (the one training uses).
 
-    sizes = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-                sizes.append(im.size[::-1])
-        except Exception as e:  # PIL raises many types for bad files
-            raise ValueError(f"Unreadable image file {path}: {e}") from e
-    return tuple(int(v) for v in np.median(np.array(sizes), axis=0))
+    PIL's `verify()` reads headers only, so a truncated JPEG passes it and then
+    fails training at the same step on every run; this catches it up front.
+
+    Returns:
+        `(sizes, bad)`: `(N, 2)` int array of (height, width), -1 where the
+        file cannot be read or decoded, and the list of those paths.
+    """
+    from keras_bit.train.pipeline import decode
+
+    n = len(paths)
+    sizes = np.full((n, 2), -1, np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(n, dtype=tf.int64), tf.constant(np.asarray(paths, str))))
+    ds = ds.map(lambda i, path: (i, tf.shape(decode(path, "files"), out_type=tf.int64)[:2]),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    for index, hw in ds.ignore_errors().batch(1024).as_numpy_iterator():
+        sizes[index] = hw
+    bad = [str(paths[i]) for i in np.flatnonzero(sizes[:, 0] < 0)]
+    return sizes, bad
 
 
-def from_folder(root, eval_fraction=0.2, seed=0):
-    """A `Dataset` from `root/<class>/<image>` (or `root/train/...` and `root/test|val|validation/...`)."""
+def _drop_bad(split, bad):
+    keep = ~np.isin(split.records, bad)
+    return split.subset(np.flatnonzero(keep))
+
+
+def from_folder(root, eval_fraction=0.2, seed=0, skip_bad_images=False):
+    """A `Dataset` from `root/<class>/<image>` (or `root/train/...` and `root/test|val|validation/...`).
+
+    Every image is decoded once here (see `decode_check`): an undecodable file
+    raises a `ValueError` naming it, or with `skip_bad_images=True` is left out
+    (listed in `Dataset.skipped`).
+    """
     root = os.fspath(root)
     splits = [d for d in ("test", "validation", "val") if os.path.isdir(os.path.join(root, d))]
     if os.path.isdir(os.path.join(root, "train")) and splits:
@@ -177,46 +254,29 @@ def from_folder(root, eval_fraction=0.2, seed=0):
         train, eval_split = Split(paths, labels, "files"), Split(eval_paths, eval_labels, "files")
     else:
         paths, labels, classes = _list_image_folder(root)
-        full = Split(paths, labels, "files")
-        train_idx, eval_idx = _holdout(len(full), eval_fraction, seed)
-        train, eval_split = full.subset(train_idx), full.subset(eval_idx)
-    size = _check_images(np.concatenate([train.records, eval_split.records]))
-    return Dataset(train, eval_split, len(classes), classes, size, os.path.basename(os.path.normpath(root)))
-
-
-def _tfds_split(name, split, data_dir):
-    import tensorflow_datasets as tfds
-
-    try:
-        ds, info = tfds.load(
-            name, split=split, as_supervised=True, with_info=True, data_dir=data_dir,
-            decoders={"image": tfds.decode.SkipDecoding()},
+        train, eval_split = Split(paths, labels, "files"), None
+    all_paths = train.records if eval_split is None else np.concatenate([train.records, eval_split.records])
+    sizes, bad = decode_check(all_paths)
+    if bad and not skip_bad_images:
+        raise ValueError(
+            f"{len(bad)} of {len(all_paths)} images under {root!r} cannot be decoded by TensorFlow: "
+            + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+            + ". Repair or remove them, or skip them (skip_bad_images=True, --skip-bad-images)."
         )
-    except Exception as e:  # tfds raises several types for unknown names and missing data
-        raise ValueError(f"Could not load tfds data set {name!r} split {split!r}: {e}") from e
-    records, labels = [], []
-    for image, label in ds.as_numpy_iterator():
-        records.append(image)
-        labels.append(label)
-    return Split(np.array(records, dtype=object), np.array(labels, np.int64), "encoded"), info
-
-
-def from_tfds(name, split="train", eval_split=None, data_dir=None):
-    """A `Dataset` from a TensorFlow Datasets name (images kept encoded until after shuffling)."""
-    train, info = _tfds_split(name, split, data_dir)
-    if len(train) == 0:
-        raise ValueError(f"The data set is empty: tfds {name!r} split {split!r} has no examples.")
+    if bad:
+        logger.warning("Skipping %d undecodable image(s) of %d: %s", len(bad), len(all_paths),
+                       ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
+        train = _drop_bad(train, bad)
+        eval_split = None if eval_split is None else _drop_bad(eval_split, bad)
     if eval_split is None:
-        available = set(info.splits.keys()) or {"test"}
-        eval_split = next((s for s in ("test", "validation") if s in available), None)
-        if eval_split is None:
-            raise ValueError(f"tfds data set {name!r} has no 'test' or 'validation' split: pass `eval_split`.")
-    evaluation, _ = _tfds_split(name, eval_split, data_dir)
-    label = info.features["label"]
-    shape = info.features["image"].shape
-    if shape[0] is None or shape[1] is None:
-        shape = tf.io.decode_image(train.records[0], channels=3, expand_animations=False).shape
-    return Dataset(train, evaluation, label.num_classes, list(label.names), (int(shape[0]), int(shape[1])), name)
+        train_idx, eval_idx = _holdout(len(train), eval_fraction, seed)
+        train, eval_split = train.subset(train_idx), train.subset(eval_idx)
+    if not len(train) or not len(eval_split):
+        raise ValueError(f"Image folder {root!r} leaves no {'training' if not len(train) else 'evaluation'} "
+                         "images once undecodable files are skipped.")
+    size = tuple(int(v) for v in np.median(sizes[sizes[:, 0] >= 0], axis=0))
+    return Dataset(train, eval_split, len(classes), classes, size, os.path.basename(os.path.normpath(root)),
+                   skipped=bad)
 
 
 def from_sklearn(name, eval_fraction=0.2, seed=0):
@@ -239,9 +299,38 @@ def from_sklearn(name, eval_fraction=0.2, seed=0):
     return ds
 
 
-def load(data, eval_data=None, split="train", eval_split=None, eval_fraction=0.2, seed=0, data_dir=None):
-    """A `Dataset` from a tfds name, `"sklearn:digits"`, an image-folder path, `(images, labels)` arrays
-    or a `Dataset`."""
+def load(data, eval_data=None, split="train", eval_split=None, eval_fraction=0.2, seed=0, data_dir=None,
+         skip_bad_images=False):
+    """A checked `Dataset` from a tfds name, `"sklearn:digits"`, an image-folder path, `(images, labels)`
+    arrays or a `Dataset`.
+
+    Raises:
+        ValueError: naming the problem: an unknown source, undecodable images
+            (image folders; see `from_folder` for `skip_bad_images`), labels
+            that are not 0..C-1, fewer than 2 classes, class names that are
+            empty, repeated or span lines, an empty split.
+    """
+    dataset = _load(data, eval_data, split, eval_split, eval_fraction, seed, data_dir, skip_bad_images)
+    return check_dataset(dataset)
+
+
+def check_dataset(dataset):
+    """Raises `ValueError` unless `dataset` can be fine-tuned on (>= 2 classes, valid names, non-empty splits)."""
+    if isinstance(dataset.num_classes, bool) or not isinstance(dataset.num_classes, (int, np.integer)) \
+            or dataset.num_classes < 2:
+        raise ValueError(
+            f"Fine-tuning needs at least 2 classes; the data set {dataset.name!r} has {dataset.num_classes}: "
+            "a one-class classifier is always right and learns nothing."
+        )
+    dataset.class_names = check_class_names(dataset.class_names, dataset.num_classes,
+                                            f"Class names of {dataset.name!r}")
+    for which, split in (("training", dataset.train), ("evaluation", dataset.eval)):
+        if not len(split):
+            raise ValueError(f"The {which} split of {dataset.name!r} is empty.")
+    return dataset
+
+
+def _load(data, eval_data, split, eval_split, eval_fraction, seed, data_dir, skip_bad_images):
     if isinstance(data, Dataset):
         return data
     if isinstance(data, str) and data.startswith("sklearn:"):
@@ -250,8 +339,10 @@ def load(data, eval_data=None, split="train", eval_split=None, eval_fraction=0.2
         return from_arrays(data[0], data[1], eval_data=eval_data, eval_fraction=eval_fraction, seed=seed)
     if isinstance(data, (str, os.PathLike)):
         if os.path.isdir(data) or os.sep in os.fspath(data):
-            return from_folder(data, eval_fraction=eval_fraction, seed=seed)
-        return from_tfds(os.fspath(data), split=split, eval_split=eval_split, data_dir=data_dir)
+            return from_folder(data, eval_fraction=eval_fraction, seed=seed, skip_bad_images=skip_bad_images)
+        from keras_bit.train import tfds_data  # imports tensorflow_datasets: only when a tfds name is given
+
+        return tfds_data.from_tfds(os.fspath(data), split=split, eval_split=eval_split, data_dir=data_dir)
     raise ValueError(
         "`data` must be a tfds name, an image-folder path or an (images, labels) tuple. "
         f"Received: data of type {type(data).__name__}"

@@ -13,7 +13,6 @@ here and nowhere else:
 import json
 import os
 
-import keras
 import tensorflow as tf
 
 
@@ -57,9 +56,26 @@ def tpu_strategy(tpu="local"):
     return tf.distribute.TPUStrategy(resolver)
 
 
-def select_strategy(strategy=None):
-    """The strategy to train under: `strategy`, else multi-worker if `TF_CONFIG` names a cluster,
-    else `MirroredStrategy` over all local GPUs (the CPU when there is none)."""
+def select_strategy(strategy=None, accumulation_steps=1):
+    """The strategy to train under.
+
+    `strategy` when given; else `MultiWorkerStrategy` when `TF_CONFIG` names a
+    cluster, else `MirroredStrategy` over all local GPUs (the CPU when there is
+    none). With gradient accumulation, TensorFlow's default strategy (one
+    device): Keras applies the accumulated update inside a `cond`, where a
+    tf.distribute strategy cannot all-reduce (keras-team/keras#17429), even
+    with one replica. A strategy passed in is never replaced: with
+    accumulation it is refused instead.
+    """
+    if accumulation_steps > 1:
+        if strategy is not None and strategy is not tf.distribute.get_strategy():
+            raise ValueError(
+                f"gradient_accumulation_steps={accumulation_steps} cannot run under {type(strategy).__name__}: "
+                "Keras applies the accumulated update inside a cond, where tf.distribute cannot all-reduce "
+                "(keras-team/keras#17429). Pass strategy=None to train on one device with accumulation, or "
+                "gradient_accumulation_steps=1 with more replicas to grow the batch."
+            )
+        return tf.distribute.get_strategy()
     if strategy is None:
         cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
         if sum(len(v) for v in cluster.values()) > 1:
@@ -82,20 +98,6 @@ def is_chief(strategy):
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return task_type == "worker" and resolver.task_id == 0 and not has_chief
-
-
-class RestoreOnly(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore for non-chief workers: restores from the shared backup, never writes it.
-
-    Keras 3's callback writes from every process; under MultiWorkerMirroredStrategy
-    all workers hold identical (all-reduced) weights, so the chief's copy is the backup.
-    """
-
-    def on_epoch_end(self, epoch, logs=None):
-        pass
-
-    def on_train_batch_end(self, batch, logs=None):
-        pass
 
 
 def shard_options(policy):

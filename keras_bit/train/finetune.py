@@ -1,37 +1,39 @@
 """Fine-tune a BiT model with BiT-HyperRule: `model.fit` on tf.data under a tf.distribute strategy.
 
-The run is split into chunks of `checkpoint_every` steps (Keras "epochs"); after
-each one `BackupAndRestore` writes the model and optimizer state, so running the
-same command again after a crash resumes at the last chunk and ends at the same
-step count with the same weights (the data stream is a function of the step,
-see `keras_bit.data`).
+`finetune` runs six named steps: check the arguments and plan the run
+(`keras_bit.train.plan`), load and check the data, build the model (frozen
+stages, compile, restore the newest backup), set up the callbacks, fit, and
+write the outputs. The run is split into chunks of steps (Keras epochs); every
+`checkpoint_every` steps `keras_bit.train.backup` writes the model and
+optimizer state, so running the same command again after a crash resumes at
+the last backup and ends with the weights of an uninterrupted run (the data
+stream is a function of the step, see `keras_bit.train.pipeline`). A different
+command is refused, never mixed.
 
 Reference:
     Kolesnikov et al., "Big Transfer (BiT)", https://arxiv.org/abs/1912.11370, section 3.3.
 """
 
+import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
 import tempfile
+import time
 
 import keras
 import tensorflow as tf
 
-from keras_bit import configs
+from keras_bit.train import backup, distribute, evaluation, hyperrule, pipeline, plan
 from keras_bit.train import data as data_lib
-from keras_bit.train import distribute, hyperrule, pipeline
-from keras_bit.validation import check_positive_int
+from keras_bit.train.logs import RunLog
 
 logger = logging.getLogger("keras_bit")
 
-POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16")
-RUN_FILE = "run.json"
-# Settings that must match for a run to resume from an existing backup.
-_RESUME_KEYS = ("model", "weights", "num_classes", "batch_size", "supports", "resolution", "seed", "mixup",
-                "examples_per_class", "gradient_accumulation_steps", "train_examples")
+RESULTS_FILE = "results.json"
+CLASS_NAMES_FILE = "class_names.txt"
+SKIPPED_FILE = "skipped_images.txt"
 
 
 @dataclasses.dataclass
@@ -41,118 +43,30 @@ class FinetuneResult:
     Attributes:
         model: the trained `keras.Model`, outputting class probabilities.
         eval_accuracy: top-1 accuracy on the evaluation split (float in [0, 1]).
-        history: dict of per-chunk training metrics (this invocation's chunks).
-        output_dir: where checkpoints, logs, metrics.csv and model.keras are.
+        eval_metrics: `loss`, `accuracy`, `top5_accuracy`, `examples` and
+            `confusion_matrix` of the final evaluation (also in results.json).
+        history: one dict per chunk trained by this invocation (step, loss,
+            accuracy, learning_rate and, where evaluated, val_* metrics).
+        output_dir: where backups, logs, metrics.csv, results.json and model.keras are.
         steps: optimizer steps of the whole run.
         supports: the learning-rate schedule supports used.
         resolution: `(resize, crop)` used for training.
         class_names: class names, in label order.
         export_path: the SavedModel version folder when `export_dir` was given, else None.
+        summary_path: `summary.png` when it was drawn, else None.
     """
 
     model: keras.Model
     eval_accuracy: float
-    history: dict
+    eval_metrics: dict
+    history: list
     output_dir: str
     steps: int
     supports: tuple
     resolution: tuple
     class_names: list
     export_path: str = None
-
-
-def _write_json(path, value):
-    # Atomic: other workers may read run.json while the chief rewrites it.
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _resolution(resolution, image_size):
-    if resolution is None:
-        return hyperrule.get_resolution(image_size)
-    if isinstance(resolution, int) and not isinstance(resolution, bool):
-        resolution = (resolution, resolution)
-    if (not isinstance(resolution, (tuple, list)) or len(resolution) != 2
-            or not all(isinstance(r, int) and r >= 32 for r in resolution) or resolution[1] > resolution[0]):
-        raise ValueError(
-            "`resolution` must be None (BiT-HyperRule), an int >= 32, or (resize, crop) ints with "
-            f"32 <= crop <= resize. Received: resolution={resolution!r}"
-        )
-    return tuple(resolution)
-
-
-def _check_output_dir(output_dir):
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    parent = os.path.dirname(output_dir)
-    if not os.path.isdir(parent):
-        raise ValueError(f"The parent of `output_dir` does not exist: {parent}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        # A real write, not os.access: root passes access checks on read-only file systems.
-        with tempfile.NamedTemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise ValueError(f"`output_dir` is not writable: {output_dir} ({e.strerror or e})") from e
-    return output_dir
-
-
-def _chunk_size(total, requested):
-    """Largest divisor of `total` not above `requested` (Keras epochs must be equal-sized)."""
-    requested = max(1, min(requested, total))
-    return max(d for d in range(1, requested + 1) if total % d == 0)
-
-
-def _resume_epoch(backup_dir):
-    # BackupAndRestore's own metadata file: the chunk it will resume from.
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f)["epoch"])
-
-
-def _check_resume(output_dir, run, resuming, chief=True):
-    path = os.path.join(output_dir, RUN_FILE)
-    if resuming and os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        changed = [k for k in _RESUME_KEYS if previous.get(k) != run.get(k)]
-        if changed:
-            details = ", ".join(f"{k}: {previous.get(k)!r} -> {run.get(k)!r}" for k in changed)
-            raise ValueError(
-                f"{output_dir} holds a backup of a different run ({details}). Resume with the same "
-                "settings, or use a new `output_dir`."
-            )
-    if chief:
-        _write_json(path, run)
-
-
-def _describe_model(model):
-    """A process-independent description of `model` for run.json (no memory addresses)."""
-    if isinstance(model, str):
-        return model
-    if isinstance(model, functools.partial):
-        args = [repr(a) for a in model.args] + [f"{k}={v!r}" for k, v in sorted(model.keywords.items())]
-        return f"{_describe_model(model.func)}({', '.join(args)})"
-    name = getattr(model, "__qualname__", None) or type(model).__qualname__
-    return f"{getattr(model, '__module__', None) or type(model).__module__}.{name}"
-
-
-def _build(model, weights, crop, num_classes):
-    if isinstance(model, str):
-        from keras_bit.resnet_v2 import BiT
-
-        return BiT(model, weights=weights, input_shape=(crop, crop, 3), classes=num_classes,
-                   classifier_activation=None)
-    if callable(model):
-        return model(weights=weights, input_shape=(crop, crop, 3), classes=num_classes,
-                     classifier_activation=None)
-    raise ValueError(
-        f"`model` must be a BiT model name ({', '.join(configs.MODEL_NAMES)}) or a builder callable. "
-        f"Received: model={model!r}"
-    )
+    summary_path: str = None
 
 
 def finetune(
@@ -160,29 +74,34 @@ def finetune(
     data,
     *,
     weights=None,
-    batch_size=512,
+    batch_size=hyperrule.BASE_BATCH_SIZE,
     steps=None,
     resolution=None,
     output_dir="bit_finetune",
     examples_per_class=None,
+    examples_per_class_seed=None,
     seed=0,
     strategy=None,
-    base_lr=hyperrule.BASE_LR,
+    base_lr=None,
     mixup=None,
     split="train",
     eval_split=None,
     eval_data=None,
     eval_fraction=0.2,
     data_dir=None,
+    skip_bad_images=False,
     mixed_precision=None,
     gradient_accumulation_steps=1,
     jit_compile=False,
+    deterministic=True,
     checkpoint_every=None,
+    eval_every=None,
+    trainable="all",
     callbacks=(),
     export_dir=None,
     verbose="auto",
 ):
-    """Fine-tunes a BiT model with BiT-HyperRule and returns the trained model and its accuracy.
+    """Fine-tunes a BiT model with BiT-HyperRule and returns the trained model and its evaluation.
 
     Args:
         model: a model name such as "BiT-M-R50x1", or a callable taking
@@ -194,167 +113,316 @@ def finetune(
         weights: checkpoint to start from (a `weights=` name or path), or None
             for random initialisation. The head is always new and zero.
         batch_size: global batch size (split over replicas and, with
-            `gradient_accumulation_steps`, over micro-batches).
+            `gradient_accumulation_steps`, over micro-batches). It may exceed
+            the training set: the stream repeats it (BiT's few-shot protocol).
         steps: total optimizer steps. None: the hyper-rule's (500/10k/20k);
             otherwise the hyper-rule schedule is scaled to end at `steps`.
         resolution: None (hyper-rule: 160/128 for images < 96x96 px, else
             512/480), an int (train and eval size, no random crop), or
             `(resize, crop)`.
-        output_dir: checkpoints (`backup/`), TensorBoard logs (`logs/`),
-            `metrics.csv`, `run.json`, `class_names.txt` and `model.keras`.
+        output_dir: backups (`backup/`), TensorBoard logs (`logs/`),
+            `metrics.csv`, `results.json`, `run.json`, `class_names.txt`,
+            `summary.png` and `model.keras`.
         examples_per_class: few-shot: train on exactly this many examples of
-            each class, drawn with `seed`.
-        seed: seed of the few-shot draw, shuffling, augmentation, MixUp and
-            random initialisation (sets Keras' global seed via
-            `keras.utils.set_random_seed`).
+            each class (the authors' `--examples_per_class`), repeated through
+            the stream at any batch size.
+        examples_per_class_seed: seed of the few-shot draw (default: `seed`).
+        seed: seed of shuffling, augmentation, MixUp and random
+            initialisation (sets Keras' global seed via `keras.utils.set_random_seed`).
         strategy: a `tf.distribute.Strategy`; default `select_strategy()`:
             `keras_bit.MultiWorkerStrategy` when `TF_CONFIG` names a cluster
             (every worker runs the same call; `output_dir` must then be on
-            storage all workers share: the chief writes the backups, logs
-            and model, the others only restore from them), else
-            `MirroredStrategy` over the local GPUs. Each worker builds only its
-            share of every global batch (see `keras_bit.data.train_pipeline`).
-        base_lr: learning rate at batch size 512 (0.003); scaled linearly to
-            `batch_size`.
-        mixup: MixUp alpha; None applies the hyper-rule (0.1 when the training
-            set has >= 20k examples, else off).
+            storage all workers share: the chief writes, the others only
+            restore), else `MirroredStrategy` over the local GPUs.
+        base_lr: learning rate at batch size 512, scaled linearly to
+            `batch_size`. None: BiT-HyperRule's 0.003 with `weights`, 0.1 from
+            random initialisation (`hyperrule.SCRATCH_BASE_LR`).
+        mixup: MixUp alpha (>= 0); None applies the hyper-rule (0.1 when the
+            training set has >= 20k examples, else off).
         split, eval_split, eval_data, eval_fraction, data_dir: where the
             training and evaluation examples come from (see `keras_bit.data.load`).
+        skip_bad_images: image folders are fully decoded once before training;
+            an undecodable file is an error naming it, or with True it is
+            left out and listed in `skipped_images.txt`.
         mixed_precision: None/"float32", "mixed_float16" (with loss scaling) or
             "mixed_bfloat16".
         gradient_accumulation_steps: split each batch into this many
-            micro-batches and accumulate (the authors' `--batch_split`).
+            micro-batches and accumulate (the authors' `--batch_split`); runs
+            on one device (see `keras_bit.train.distribute.select_strategy`).
         jit_compile: compile the training step with XLA.
+        deterministic: bit-identical results for the same call in a new
+            process (TensorFlow op determinism, for the rest of the process).
         checkpoint_every: steps between backups (default: a tenth of the run).
+        eval_every: steps between evaluations on the evaluation split (the
+            authors' `--eval_every`; default: only at the end).
+        trainable: "all", "head" (linear probe) or a block number 1-4: the
+            root and the blocks below it stay frozen.
         callbacks: extra Keras callbacks.
         export_dir: if given, also export a serving SavedModel (with the class
             names) to `<export_dir>/<model name>/<next version>/`.
-        verbose: `model.fit` verbosity.
+        verbose: 0 for silence; otherwise one line per chunk and the result.
 
     Returns:
-        A `FinetuneResult` with `.model` and `.eval_accuracy`.
+        A `FinetuneResult` with `.model`, `.eval_accuracy` and `.eval_metrics`.
 
     Example:
         >>> result = keras_bit.finetune("BiT-M-R50x1", "cifar10", weights="imagenet21k", batch_size=64)
         >>> result.eval_accuracy
     """
-    check_positive_int(batch_size, "batch_size")
-    check_positive_int(gradient_accumulation_steps, "gradient_accumulation_steps")
-    if batch_size % gradient_accumulation_steps:
-        raise ValueError(
-            f"`batch_size` ({batch_size}) must be divisible by gradient_accumulation_steps "
-            f"({gradient_accumulation_steps})."
-        )
-    if mixed_precision not in POLICIES:
-        raise ValueError(f"`mixed_precision` must be one of {POLICIES}. Received: mixed_precision={mixed_precision!r}")
-    if isinstance(model, str):
-        configs.split_model_name(model)
+    args = plan.Arguments(
+        batch_size=batch_size, steps=steps, resolution=resolution, base_lr=base_lr, mixup=mixup, seed=seed,
+        examples_per_class=examples_per_class, examples_per_class_seed=examples_per_class_seed,
+        eval_fraction=eval_fraction, mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps, jit_compile=jit_compile,
+        deterministic=deterministic, checkpoint_every=checkpoint_every, eval_every=eval_every, trainable=trainable,
+    )
+    args.check()
+    plan.check_model(model)
     output_dir = _check_output_dir(output_dir)
-    strategy = distribute.select_strategy(strategy)
-    if gradient_accumulation_steps > 1:
-        # Keras applies accumulated gradients inside a cond, and tf.distribute cannot all-reduce
-        # (merge_call) inside one (keras-team/keras#17429). One replica needs no all-reduce.
-        if strategy.num_replicas_in_sync > 1:
-            raise ValueError(
-                "gradient_accumulation_steps > 1 is not supported with several replicas "
-                f"({strategy.num_replicas_in_sync}): Keras' accumulation cannot all-reduce inside its "
-                "update cond. Use more replicas with a smaller per-replica batch instead."
-            )
-        strategy = tf.distribute.get_strategy()  # the default strategy: one device, no all-reduce
-
-    dataset = data_lib.load(data, eval_data=eval_data, split=split, eval_split=eval_split,
-                        eval_fraction=eval_fraction, seed=seed, data_dir=data_dir)
-    train = dataset.train
-    if examples_per_class is not None:
-        train = data_lib.few_shot(train, examples_per_class, dataset.num_classes, seed)
-    n = len(train)
-    resize, crop = _resolution(resolution, dataset.image_size)
-    supports = hyperrule.get_schedule(n)
-    if steps is not None:
-        supports = hyperrule.scale_schedule(supports, steps)
-    total = supports[-1]
-    mixup_alpha = hyperrule.get_mixup(n) if mixup is None else float(mixup)
-    lr = hyperrule.scaled_lr(batch_size, base_lr)
-    chunk = _chunk_size(total, checkpoint_every or max(1, total // 10))
-    micro = gradient_accumulation_steps
-    micro_batch = batch_size // micro  # examples per model call: per step, or per accumulated micro-step
-
-    backup_dir = os.path.join(output_dir, "backup")
-    start_epoch = _resume_epoch(backup_dir)
-    run = {
-        "model": _describe_model(model),
-        "weights": weights if weights is None else os.fspath(weights),
-        "num_classes": dataset.num_classes, "batch_size": batch_size, "supports": list(supports),
-        "resolution": [resize, crop], "seed": seed, "mixup": mixup_alpha, "examples_per_class": examples_per_class,
-        "gradient_accumulation_steps": micro, "train_examples": n, "base_lr": base_lr, "learning_rate": lr,
-        "data": dataset.name, "checkpoint_every": chunk, "replicas": strategy.num_replicas_in_sync,
-    }
+    strategy = distribute.select_strategy(strategy, gradient_accumulation_steps)
     chief = distribute.is_chief(strategy)
-    _check_resume(output_dir, run, resuming=start_epoch > 0, chief=chief)
+    dataset, train = _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images)
+    fingerprints = (train.fingerprint(), dataset.eval.fingerprint())
+    run = plan.resolve(model, weights, dataset, train, args, strategy.num_replicas_in_sync, fingerprints)
+    backup_dir = os.path.join(output_dir, "backup")
+    plan.check_resume(output_dir, run.record, bool(backup.list_backups(backup_dir)))
     if chief:
-        with open(os.path.join(output_dir, "class_names.txt"), "w") as f:
-            f.write("\n".join(dataset.class_names) + "\n")
-    logger.info("Fine-tuning on %d examples (%d classes) at %d/%d px, batch %d, %d steps, lr %.2e, mixup %.2f%s",
-                n, dataset.num_classes, resize, crop, batch_size, total, lr, mixup_alpha,
-                f"; resuming at step {start_epoch * chunk}" if start_epoch else "")
-
-    def make_pipeline(**sharding):
-        return pipeline.train_pipeline(train, dataset.num_classes, micro_batch, resize, crop, seed=seed,
-                                       mixup_alpha=mixup_alpha, start_step=start_epoch * chunk * micro, **sharding)
-
-    if strategy.num_replicas_in_sync > 1:
-        train_ds = distribute.distributed_train_input(strategy, make_pipeline, micro_batch)
-    else:
-        train_ds = make_pipeline()
-    if mixup_alpha and micro > 1:
-        logger.info("MixUp mixes within each micro-batch of %d examples.", micro_batch)
-    # Evaluation is split by element across workers (DATA, chosen explicitly: the
-    # in-memory source has no files to shard by); the metrics are all-reduced.
-    eval_ds = pipeline.eval_pipeline(dataset.eval, dataset.num_classes, micro_batch, crop).with_options(
-        distribute.shard_options(tf.data.experimental.AutoShardPolicy.DATA))
-
-    previous_policy = keras.config.dtype_policy()
-    if mixed_precision:
-        keras.config.set_dtype_policy(mixed_precision)
-    try:
-        keras.utils.set_random_seed(seed)  # reproducible random initialisation (weights=None)
+        _write_run_files(output_dir, run, dataset)
+    _log_plan(run, dataset, train, weights, args)
+    show = verbose not in (0, False)
+    started = time.monotonic()
+    with _precision(args.mixed_precision):
+        if args.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(args.seed)  # reproducible random initialisation (weights=None)
         with strategy.scope():
-            net = _build(model, weights, crop, dataset.num_classes)
-            optimizer = keras.optimizers.SGD(
-                hyperrule.BiTSchedule(lr, supports, accumulation_steps=micro), momentum=hyperrule.MOMENTUM,
-                gradient_accumulation_steps=micro if micro > 1 else None,
-            )
-            net.compile(
-                optimizer=optimizer,
-                loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-                jit_compile=bool(jit_compile),
-            )
-        if chief:
-            fit_callbacks = [
-                keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True, delete_checkpoint=False),
-                keras.callbacks.CSVLogger(os.path.join(output_dir, "metrics.csv"), append=True),
-                keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
-            ]
-        else:
-            fit_callbacks = [distribute.RestoreOnly(backup_dir, double_checkpoint=True, delete_checkpoint=False)]
-        fit_callbacks += list(callbacks)
-        history = net.fit(train_ds, epochs=total // chunk, steps_per_epoch=chunk * micro,
-                          callbacks=fit_callbacks, verbose=verbose, shuffle=False)
-        scores = net.evaluate(eval_ds, verbose=0, return_dict=True)
+            net = _build_model(model, weights, run, dataset.num_classes, args.jit_compile)
+            start = backup.restore(net, backup_dir, iterations_per_step=run.accumulation)
+        log = _fit(net, run, train, dataset, strategy, start, chief, backup_dir, list(callbacks), show)
+        scores = evaluation.evaluate(net, dataset.eval, dataset.num_classes, run.micro_batch, run.crop, strategy)
+        log.finish(run.total, scores)
         with strategy.scope():
             probs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(net.output)
             trained = keras.Model(net.input, probs, name=net.name)
+    return _write_outputs(trained, run, dataset, scores, log, output_dir, chief, export_dir, show,
+                          time.monotonic() - started, start)
+
+
+def _check_output_dir(output_dir):
+    if output_dir is None or not os.fspath(output_dir).strip():
+        raise ValueError(f"`output_dir` must be a non-empty path. Received: output_dir={output_dir!r}")
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    parent = os.path.dirname(output_dir)
+    if not os.path.isdir(parent):
+        raise ValueError(f"The parent of `output_dir` does not exist: {parent}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"`output_dir` is a file, not a folder: {output_dir}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        # A real write, not os.access: root passes access checks on read-only file systems.
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"`output_dir` is not writable: {output_dir} ({e.strerror or e})") from e
+    return output_dir
+
+
+def _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images):
+    """Step 2: the data set (every image checked) and the training split actually used."""
+    dataset = data_lib.load(data, eval_data=eval_data, split=split, eval_split=eval_split,
+                            eval_fraction=args.eval_fraction, seed=args.seed, data_dir=data_dir,
+                            skip_bad_images=skip_bad_images)
+    train = dataset.train
+    if args.examples_per_class is not None:
+        draw_seed = args.seed if args.examples_per_class_seed is None else args.examples_per_class_seed
+        train = data_lib.few_shot(train, args.examples_per_class, dataset.num_classes, draw_seed)
+    return dataset, train
+
+
+def _write_run_files(output_dir, run, dataset):
+    plan.write_record(output_dir, run.record)
+    with open(os.path.join(output_dir, CLASS_NAMES_FILE), "w", encoding="utf-8") as f:
+        f.write("\n".join(dataset.class_names) + "\n")
+    skipped = getattr(dataset, "skipped", None) or []
+    if skipped:
+        with open(os.path.join(output_dir, SKIPPED_FILE), "w", encoding="utf-8") as f:
+            f.write("\n".join(skipped) + "\n")
+
+
+def _log_plan(run, dataset, train, weights, args):
+    n = len(train)
+    logger.info("Fine-tuning on %d examples (%d classes) at %d/%d px, batch %d, %d steps, lr %.3g (base %.3g%s), "
+                "mixup %.2f", n, dataset.num_classes, run.resize, run.crop, args.batch_size, run.total,
+                run.learning_rate, run.base_lr,
+                ", from-scratch default" if args.base_lr is None and weights is None else "", run.mixup)
+    if args.batch_size > n:
+        logger.info("The batch (%d) is larger than the training set (%d examples): each batch holds every "
+                    "example about %d times, each with its own augmentation.", args.batch_size, n,
+                    args.batch_size // n)
+    if run.mixup and run.accumulation > 1:
+        logger.info("MixUp mixes within each micro-batch of %d examples.", run.micro_batch)
+
+
+@contextlib.contextmanager
+def _precision(policy):
+    previous = keras.config.dtype_policy()
+    if policy:
+        keras.config.set_dtype_policy(policy)
+    try:
+        yield
     finally:
-        keras.config.set_dtype_policy(previous_policy)
+        keras.config.set_dtype_policy(previous)
+
+
+def _build_model(model, weights, run, num_classes, jit_compile):
+    """Step 3: the network with logits, its frozen stages and the BiT-HyperRule optimizer."""
+    shape = (run.crop, run.crop, 3)
+    if isinstance(model, str):
+        from keras_bit.resnet_v2 import BiT
+
+        net = BiT(model, weights=weights, input_shape=shape, classes=num_classes, classifier_activation=None)
+    else:
+        net = model(weights=weights, input_shape=shape, classes=num_classes, classifier_activation=None)
+    _freeze(net, run.frozen)
+    optimizer = keras.optimizers.SGD(
+        hyperrule.BiTSchedule(run.learning_rate, run.supports, accumulation_steps=run.accumulation),
+        momentum=hyperrule.MOMENTUM,
+        gradient_accumulation_steps=run.accumulation if run.accumulation > 1 else None,
+    )
+    net.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
+                 keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy")],
+        jit_compile=jit_compile,
+    )
+    return net
+
+
+def _freeze(net, frozen):
+    """Freezes the root (stage 0) and blocks 1..frozen-1; `frozen` 5 leaves only the head trainable."""
+    if not frozen:
+        return
+    if frozen > plan.NUM_BLOCKS:
+        prefixes = None
+    else:
+        prefixes = ("root_",) + tuple(f"block{b}_" for b in range(1, frozen))
+    found = False
+    for layer in net.layers:
+        if prefixes is None:
+            if layer.name != "head" and layer.weights:
+                layer.trainable = False
+                found = True
+        elif layer.name.startswith(prefixes):
+            layer.trainable = False
+            found = True
+    if not found or (prefixes is None and "head" not in [layer.name for layer in net.layers]):
+        raise ValueError(
+            "`trainable` needs a BiT model with layers named as keras_bit names them (root_*, block1_* ..., "
+            f"head); {net.name} has none to freeze."
+        )
+
+
+def _fit(net, run, train, dataset, strategy, start, chief, backup_dir, callbacks, show):
+    """Steps 4 and 5: the input pipelines, the callbacks and `model.fit` from the restored step."""
+    schedule = hyperrule.BiTSchedule(run.learning_rate, run.supports)
+    log = RunLog(os.path.dirname(backup_dir), lambda step: float(schedule(step)), run.steps_per_epoch, run.total,
+                 start_step=start, write=chief, verbose=show)
+    if start >= run.total:
+        logger.info("The run in %s is complete (step %d of %d): nothing left to train; evaluating its weights.",
+                    os.path.dirname(backup_dir), start, run.total)
+        return log
+    if start:
+        logger.info("Resuming at step %d of %d.", start, run.total)
+
+    def make_pipeline(**sharding):
+        return pipeline.train_pipeline(train, dataset.num_classes, run.micro_batch, run.resize, run.crop,
+                                       seed=run.record["seed"], mixup_alpha=run.mixup,
+                                       start_step=start * run.accumulation, **sharding)
+
+    if strategy.num_replicas_in_sync > 1:
+        train_ds = distribute.distributed_train_input(strategy, make_pipeline, run.micro_batch)
+    else:
+        train_ds = make_pipeline()
+    epochs = -(-run.total // run.steps_per_epoch)
+    validation = {}
+    if run.eval_every:
+        # Evaluation is split by element across workers (DATA: the in-memory source has no files to
+        # shard by); the metrics are all-reduced. The last epoch's evaluation is the final one, below.
+        freq = [e + 1 for e in range(epochs - 1) if log.step_at_end(e) % run.eval_every == 0]
+        if freq:
+            validation = dict(
+                validation_data=pipeline.eval_pipeline(dataset.eval, dataset.num_classes, run.micro_batch,
+                                                       run.crop).with_options(
+                    distribute.shard_options(tf.data.experimental.AutoShardPolicy.DATA)),
+                validation_freq=freq,
+            )
+    fit_callbacks = [
+        _StopAfter((run.total - start) * run.accumulation),
+        log,
+        backup.Backup(backup_dir, steps_per_epoch=run.steps_per_epoch, total_steps=run.total,
+                      every=run.checkpoint_every, write=chief),
+    ] + callbacks
+    net.fit(train_ds, epochs=epochs, initial_epoch=start // run.steps_per_epoch,
+            steps_per_epoch=run.steps_per_epoch * run.accumulation, callbacks=fit_callbacks, verbose=0,
+            shuffle=False, **validation)
+    return log
+
+
+class _StopAfter(keras.callbacks.Callback):
+    """Ends the last, shorter chunk at the run's final step (Keras epochs are otherwise equal).
+
+    Counts batches rather than reading the optimizer's counter, which a loss-scale
+    optimizer does not advance on a step it skips for overflowing gradients.
+    """
+
+    def __init__(self, batches):
+        super().__init__()
+        self.remaining = batches
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.model.stop_training = True
+
+
+def _write_outputs(trained, run, dataset, scores, log, output_dir, chief, export_dir, show, seconds, start):
+    """Step 6: model.keras, results.json, summary.png and the optional SavedModel (chief only)."""
+    export_path = summary_path = None
     if chief:
-        trained.save(os.path.join(output_dir, "model.keras"))
-    accuracy = float(scores["accuracy"])
-    print(f"eval top-1 accuracy: {accuracy:.4f} ({len(dataset.eval)} examples, {total} steps)")
-    export_path = None
+        _save_model(trained, os.path.join(output_dir, "model.keras"))
+        results = {"steps": run.total, "trained_from_step": start, "seconds": round(seconds, 1),
+                   "eval": {k: scores[k] for k in ("loss", "accuracy", "top5_accuracy", "examples")},
+                   "confusion_matrix": scores["confusion_matrix"], "class_names": list(dataset.class_names)}
+        tmp = os.path.join(output_dir, f"{RESULTS_FILE}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, os.path.join(output_dir, RESULTS_FILE))
+        summary_path = _draw_summary(output_dir)
+    if show:
+        print(f"eval top-1 accuracy: {scores['accuracy']:.4f}, top-5: {scores['top5_accuracy']:.4f} "
+              f"({scores['examples']} examples, {run.total} steps, {seconds:.0f} s)", flush=True)
     if export_dir is not None and chief:
         from keras_bit.export import export_saved_model
 
         export_path = export_saved_model(trained, export_dir, class_names=dataset.class_names)
-    return FinetuneResult(trained, accuracy, history.history, output_dir, total, tuple(supports),
-                          (resize, crop), list(dataset.class_names), export_path)
+    return FinetuneResult(trained, scores["accuracy"], scores, log.history, output_dir, run.total, run.supports,
+                          (run.resize, run.crop), list(dataset.class_names), export_path, summary_path)
+
+
+def _save_model(model, path):
+    # Keras writes the archive in place; a temporary name keeps a kill from leaving half a model.keras.
+    tmp = os.path.join(os.path.dirname(path), ".model.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _draw_summary(output_dir):
+    from keras_bit.train import report
+
+    try:
+        return report.write_summary(output_dir)
+    except (OSError, ValueError) as e:  # the picture is a convenience: never fail a finished run on it
+        logger.warning("summary.png not drawn: %s", e)
+        return None
+

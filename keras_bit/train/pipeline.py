@@ -78,7 +78,9 @@ def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_a
     Pass p over the examples is a full permutation drawn from `(seed, p)`, and
     each augmentation is seeded by the example's position in the stream, so
     batch b is the same whatever `start_step` the pipeline was built with:
-    that is what makes interrupted runs resume exactly.
+    that is what makes interrupted runs resume exactly. File-backed tfds
+    splits (`kind="tfds"`) order each pass by files and shuffled windows
+    instead, with the same guarantee (see `keras_bit.train.tfds_data`).
 
     Multi-worker input: with `shard=(index, count)` this pipeline produces only
     its share of every global batch of `batch_size` examples (positions
@@ -89,28 +91,23 @@ def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_a
     `tf.distribute.Strategy.distribute_datasets_from_function` expects). MixUp
     uses the global batch's lambda and pairs examples within the share.
     """
-    n = len(split)
     shard_index, count = shard
     if batch_size % count or not 0 <= shard_index < count:
         raise ValueError(f"Cannot take shard {shard_index} of {count} of a global batch of {batch_size} examples.")
     share = batch_size // count
-    kind = split.kind
-    records, labels = _tensors(split)
     first = start_step * batch_size
-    start_pass, offset = divmod(first, n)
-
-    def one_pass(p):
-        order = tf.argsort(tf.random.stateless_uniform([n], seed=_seed(seed, p, 0)))
-        return tf.data.Dataset.from_tensor_slices(order)
-
-    ds = tf.data.Dataset.range(start_pass, np.iinfo(np.int64).max).flat_map(one_pass).skip(offset)
+    if split.kind == "tfds":  # file-backed (keras_bit.train.tfds_data): the split streams its own records
+        ds, fetch, kind = split.stream(seed, first), split.parse, "encoded"
+    else:
+        ds, fetch, kind = _index_stream(split, seed, first)
     ds = ds.enumerate(start=first)
     if count > 1:
-        ds = ds.filter(lambda position, i: (position % batch_size) // share == shard_index)
+        ds = ds.filter(lambda position, item: (position % batch_size) // share == shard_index)
 
-    def example(index, i):
-        image = train_augment(decode(tf.gather(records, i), kind), index, resize, crop, seed)
-        return image, tf.one_hot(tf.gather(labels, i), num_classes)
+    def example(index, item):
+        record, label = fetch(item)
+        image = train_augment(decode(record, kind), index, resize, crop, seed)
+        return image, tf.one_hot(label, num_classes)
 
     ds = ds.map(example, num_parallel_calls=_AUTOTUNE, deterministic=True)
     ds = ds.batch(share, drop_remainder=True)
@@ -125,10 +122,27 @@ def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_a
     return ds.prefetch(_AUTOTUNE)
 
 
+def _index_stream(split, seed, first):
+    """In-memory splits: example indices from stream position `first` on, pass p a permutation from (seed, p)."""
+    n = len(split)
+    records, labels = _tensors(split)
+    start_pass, offset = divmod(first, n)
+
+    def one_pass(p):
+        order = tf.argsort(tf.random.stateless_uniform([n], seed=_seed(seed, p, 0)))
+        return tf.data.Dataset.from_tensor_slices(order)
+
+    ds = tf.data.Dataset.range(start_pass, np.iinfo(np.int64).max).flat_map(one_pass).skip(offset)
+    return ds, lambda i: (tf.gather(records, i), tf.gather(labels, i)), split.kind
+
+
 def eval_pipeline(split, num_classes, batch_size, crop):
     """Evaluation batches `(images, one-hot labels)`, in order, last batch kept."""
-    kind = split.kind
-    ds = _records_dataset(split).map(
+    if split.kind == "tfds":  # file-backed: tfds' reader in the split's order
+        ds, kind = split.ordered(), "encoded"
+    else:
+        ds, kind = _records_dataset(split), split.kind
+    ds = ds.map(
         lambda r, y: (eval_transform(decode(r, kind), crop), tf.one_hot(y, num_classes)),
         num_parallel_calls=_AUTOTUNE,
     )

@@ -1,0 +1,343 @@
+"""The plan of a fine-tuning run: checked arguments, resolved settings, and the run record.
+
+Every argument of `finetune` is checked here before any data is read or any
+model is built. The resolved settings (BiT-HyperRule applied, defaults filled
+in) go to `run.json`; a run that finds a backup in its `output_dir` resumes
+only if every setting that can change the trained weights is the same, and
+otherwise names each difference the way the user typed it
+(`--base-lr 0.16 -> 0.5` on the command line, `base_lr=0.16 -> 0.5` in Python).
+
+Reference:
+    Kolesnikov et al., "Big Transfer (BiT)", https://arxiv.org/abs/1912.11370, section 3.3.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+from keras_bit import configs
+from keras_bit.train import hyperrule
+from keras_bit.validation import check_positive_int
+
+RUN_FILE = "run.json"
+POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16")
+TRAINABLE = ("all", "head")
+NUM_BLOCKS = 4
+
+# Each setting that changes the trained weights: (run.json key, Python argument, CLI flag).
+# The data keys cover `split`, `eval_split`, `eval_fraction` and `data_dir` too: they are
+# compared through the examples they select.
+COMPARED = (
+    ("model", "model", "--model"),
+    ("weights", "weights", "--weights"),
+    ("data", "data", "--data"),
+    ("train_fingerprint", "data", "--data"),
+    ("eval_fingerprint", "data", "--data"),
+    ("class_names", "data", "--data"),
+    ("examples_per_class", "examples_per_class", "--examples-per-class"),
+    ("examples_per_class_seed", "examples_per_class_seed", "--examples-per-class-seed"),
+    ("batch_size", "batch_size", "--batch-size"),
+    ("steps", "steps", "--steps"),
+    ("schedule", "steps", "--steps"),
+    ("resolution", "resolution", "--resolution"),
+    ("base_lr", "base_lr", "--base-lr"),
+    ("mixup", "mixup", "--mixup"),
+    ("seed", "seed", "--seed"),
+    ("mixed_precision", "mixed_precision", "--mixed-precision"),
+    ("jit_compile", "jit_compile", "--xla"),
+    ("deterministic", "deterministic", "--nondeterministic"),
+    ("gradient_accumulation_steps", "gradient_accumulation_steps", "--grad-accum"),
+    ("trainable", "trainable", "--trainable"),
+    ("checkpoint_every", "checkpoint_every", "--checkpoint-every"),
+)
+
+
+class RunMismatchError(ValueError):
+    """`output_dir` holds a backup of a run with other settings.
+
+    Attributes:
+        changes: list of `(run.json key, previous value, new value)`.
+    """
+
+    def __init__(self, output_dir, changes, flags=False):
+        self.output_dir = output_dir
+        self.changes = changes
+        super().__init__(self.describe(flags))
+
+    def describe(self, flags=False):
+        """The message, naming settings as CLI flags (`flags=True`) or Python arguments."""
+        names = {key: (flag if flags else arg) for key, arg, flag in COMPARED}
+        parts = []
+        for key, old, new in self.changes:
+            name = names.get(key, key)
+            detail = f" ({key})" if key in ("train_fingerprint", "eval_fingerprint", "class_names", "schedule") else ""
+            parts.append(f"{name} {_show(old, flags)} -> {_show(new, flags)}{detail}" if flags
+                         else f"{name}={_show(old, flags)} -> {_show(new, flags)}{detail}")
+        where = "--output-dir" if flags else "`output_dir`"
+        return (
+            f"{self.output_dir} holds a backup of a run with other settings: {'; '.join(parts)}. "
+            f"Run again with the same settings to resume it, or choose a new {where}."
+        )
+
+
+def _show(value, flags):
+    if value is None:
+        return "none" if flags else "None"
+    if isinstance(value, bool) and flags:
+        return "on" if value else "off"
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{len(value)} values]"
+    return str(value) if flags else repr(value)
+
+
+@dataclasses.dataclass
+class Arguments:
+    """The arguments of `finetune` that shape the run (see `finetune` for each; checked by `check`)."""
+
+    batch_size: int = hyperrule.BASE_BATCH_SIZE
+    steps: int = None
+    resolution: object = None
+    base_lr: float = None
+    mixup: float = None
+    seed: int = 0
+    examples_per_class: int = None
+    examples_per_class_seed: int = None
+    eval_fraction: float = 0.2
+    mixed_precision: str = None
+    gradient_accumulation_steps: int = 1
+    jit_compile: bool = False
+    deterministic: bool = True
+    checkpoint_every: int = None
+    eval_every: int = None
+    trainable: object = "all"
+
+    def check(self):
+        """Raises `ValueError` naming the first bad argument, before any work is done."""
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_int(self.gradient_accumulation_steps, "gradient_accumulation_steps")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) must be divisible by gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps})."
+            )
+        for name in ("steps", "examples_per_class", "checkpoint_every", "eval_every"):
+            if getattr(self, name) is not None:
+                check_positive_int(getattr(self, name), name)
+        if self.steps is not None and self.steps < 5:
+            raise ValueError(f"`steps` must be >= 5 (one per BiT-HyperRule phase). Received: steps={self.steps!r}")
+        for name in ("seed", "examples_per_class_seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"`{name}` must be a non-negative integer. Received: {name}={value!r}")
+        if self.base_lr is not None and not _is_real(self.base_lr, low=0.0, open_low=True):
+            raise ValueError(f"`base_lr` must be a finite number > 0. Received: base_lr={self.base_lr!r}")
+        if self.mixup is not None and not _is_real(self.mixup, low=0.0):
+            raise ValueError(f"`mixup` (MixUp alpha) must be a finite number >= 0. Received: mixup={self.mixup!r}")
+        if not _is_real(self.eval_fraction, low=0.0, open_low=True) or not self.eval_fraction < 1:
+            raise ValueError(f"`eval_fraction` must be in (0, 1). Received: eval_fraction={self.eval_fraction!r}")
+        if self.mixed_precision not in POLICIES:
+            raise ValueError(
+                f"`mixed_precision` must be one of {POLICIES}. Received: mixed_precision={self.mixed_precision!r}"
+            )
+        for name in ("jit_compile", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False. Received: {name}={getattr(self, name)!r}")
+        frozen_blocks(self.trainable)
+        if self.resolution is not None:
+            resolve_resolution(self.resolution, None)
+
+
+def _is_real(value, low, open_low=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > low if open_low else value >= low
+
+
+def frozen_blocks(trainable):
+    """How many backbone stages `trainable` freezes: 0 ("all"), 1..4 (root and blocks below), 5 ("head").
+
+    Stage 0 is the root (stem); `trainable=k` freezes the root and blocks 1..k-1.
+    """
+    if trainable == "all":
+        return 0
+    if trainable == "head":
+        return NUM_BLOCKS + 1
+    if isinstance(trainable, int) and not isinstance(trainable, bool) and 1 <= trainable <= NUM_BLOCKS:
+        return trainable
+    raise ValueError(
+        '`trainable` must be "all" (default), "head" (linear probe: only the new head trains) or a block '
+        f"number 1-{NUM_BLOCKS} (the root and the blocks below it stay frozen). Received: trainable={trainable!r}"
+    )
+
+
+def resolve_resolution(resolution, image_size):
+    """`(resize, crop)`: BiT-HyperRule's for `image_size` when `resolution` is None."""
+    if resolution is None:
+        return hyperrule.get_resolution(image_size)
+    if isinstance(resolution, int) and not isinstance(resolution, bool):
+        resolution = (resolution, resolution)
+    if (not isinstance(resolution, (tuple, list)) or len(resolution) != 2
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 32 for r in resolution)
+            or resolution[1] > resolution[0]):
+        raise ValueError(
+            "`resolution` must be None (BiT-HyperRule), an int >= 32, or (resize, crop) ints with "
+            f"32 <= crop <= resize. Received: resolution={resolution!r}"
+        )
+    return tuple(resolution)
+
+
+def check_model(model):
+    if isinstance(model, str):
+        configs.split_model_name(model)
+    elif not callable(model):
+        raise ValueError(
+            f"`model` must be a BiT model name ({', '.join(configs.MODEL_NAMES)}) or a builder callable. "
+            f"Received: model={model!r}"
+        )
+
+
+def default_base_lr(weights):
+    """BiT-HyperRule's base LR for a pretrained backbone, a larger one from random initialisation."""
+    return hyperrule.BASE_LR if weights is not None else hyperrule.SCRATCH_BASE_LR
+
+
+def chunk_steps(total, checkpoint_every, eval_every):
+    """Steps per Keras epoch: every backup and evaluation falls on an epoch end."""
+    chunk = math.gcd(checkpoint_every, eval_every or checkpoint_every)
+    return min(chunk, total)
+
+
+def read_record(output_dir):
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Cannot read {path} ({e}): delete it with the backup to start over.") from e
+
+
+def check_resume(output_dir, record, has_backup):
+    """Refuses to resume a backup made with other settings (or with no record of its settings)."""
+    if not has_backup:
+        return
+    previous = read_record(output_dir)
+    if previous is None:
+        raise ValueError(
+            f"{output_dir} holds a backup but no {RUN_FILE} describing its settings, so it cannot be resumed "
+            "safely. Delete the backup folder to start over, or choose a new output directory."
+        )
+    changes = [(key, previous.get(key), record.get(key)) for key, _, _ in COMPARED
+               if previous.get(key) != record.get(key)]
+    if changes:
+        raise RunMismatchError(output_dir, changes)
+
+
+def write_record(output_dir, record):
+    """Writes run.json atomically (other workers may read it while the chief writes)."""
+    path = os.path.join(output_dir, RUN_FILE)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Resolved settings of one run (BiT-HyperRule applied) and the record that goes to run.json."""
+
+    resize: int
+    crop: int
+    supports: tuple
+    base_lr: float
+    learning_rate: float
+    mixup: float
+    checkpoint_every: int
+    eval_every: int
+    steps_per_epoch: int
+    accumulation: int
+    micro_batch: int
+    frozen: int
+    record: dict
+
+    @property
+    def total(self):
+        return self.supports[-1]
+
+
+def resolve(model, weights, dataset, train, args, replicas, fingerprints):
+    """The run's `Plan`: BiT-HyperRule for whatever `args` leaves open.
+
+    Args:
+        model: the `model` argument (name or builder), described in the record.
+        weights: the `weights` argument.
+        dataset: the loaded `keras_bit.train.data.Dataset`.
+        train: the training split actually used (the few-shot draw, if any).
+        args: checked `Arguments`.
+        replicas: the strategy's replica count (recorded, not compared: it
+            changes only the float summation order of the same global batch).
+        fingerprints: `(train, eval)` digests of the examples.
+    """
+    n = len(train)
+    resize, crop = resolve_resolution(args.resolution, dataset.image_size)
+    supports = hyperrule.get_schedule(n)
+    if args.steps is not None:
+        supports = hyperrule.scale_schedule(supports, args.steps)
+    total = supports[-1]
+    base_lr = default_base_lr(weights) if args.base_lr is None else float(args.base_lr)
+    mixup = hyperrule.get_mixup(n) if args.mixup is None else float(args.mixup)
+    checkpoint_every = min(args.checkpoint_every or max(1, total // 10), total)
+    eval_every = min(args.eval_every, total) if args.eval_every else None
+    accumulation = args.gradient_accumulation_steps
+    learning_rate = hyperrule.scaled_lr(args.batch_size, base_lr)
+    record = {
+        "model": describe_model(model),
+        "weights": None if weights is None else os.fspath(weights),
+        "data": dataset.name,
+        "train_examples": n,
+        "eval_examples": len(dataset.eval),
+        "train_fingerprint": fingerprints[0],
+        "eval_fingerprint": fingerprints[1],
+        "class_names": list(dataset.class_names),
+        "examples_per_class": args.examples_per_class,
+        "examples_per_class_seed": (None if args.examples_per_class is None
+                                    else _default(args.examples_per_class_seed, args.seed)),
+        "batch_size": args.batch_size,
+        "steps": total,
+        "schedule": list(supports),
+        "resolution": [resize, crop],
+        "base_lr": base_lr,
+        "learning_rate": learning_rate,
+        "mixup": mixup,
+        "seed": args.seed,
+        "mixed_precision": args.mixed_precision,
+        "jit_compile": args.jit_compile,
+        "deterministic": args.deterministic,
+        "gradient_accumulation_steps": accumulation,
+        "trainable": args.trainable,
+        "checkpoint_every": checkpoint_every,
+        "eval_every": eval_every,
+        "replicas": replicas,
+    }
+    return Plan(resize, crop, tuple(supports), base_lr, learning_rate, mixup, checkpoint_every, eval_every,
+                chunk_steps(total, checkpoint_every, eval_every), accumulation,
+                args.batch_size // accumulation, frozen_blocks(args.trainable), record)
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def describe_model(model):
+    """A process-independent description of `model` for run.json (no memory addresses)."""
+    import functools
+
+    if isinstance(model, str):
+        return model
+    if isinstance(model, functools.partial):
+        args = [repr(a) for a in model.args] + [f"{k}={v!r}" for k, v in sorted(model.keywords.items())]
+        return f"{describe_model(model.func)}({', '.join(args)})"
+    name = getattr(model, "__qualname__", None) or type(model).__qualname__
+    return f"{getattr(model, '__module__', None) or type(model).__module__}.{name}"

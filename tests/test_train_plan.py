@@ -1,0 +1,99 @@
+"""Argument checks, resolved settings and the resume comparison (no training here)."""
+
+import math
+
+import pytest
+
+from keras_bit.train import hyperrule, plan
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(batch_size=0), "`batch_size` must be a positive integer"),
+    (dict(batch_size=8.0), "`batch_size` must be a positive integer"),
+    (dict(batch_size=8, gradient_accumulation_steps=3), "must be divisible by gradient_accumulation_steps"),
+    (dict(steps=3), r"`steps` must be >= 5"),
+    (dict(steps=-1), "`steps` must be a positive integer"),
+    (dict(checkpoint_every=0), "`checkpoint_every` must be a positive integer"),
+    (dict(checkpoint_every=-5), "`checkpoint_every` must be a positive integer"),
+    (dict(eval_every=0), "`eval_every` must be a positive integer"),
+    (dict(examples_per_class=0), "`examples_per_class` must be a positive integer"),
+    (dict(seed=-1), "`seed` must be a non-negative integer"),
+    (dict(seed=1.5), "`seed` must be a non-negative integer"),
+    (dict(examples_per_class_seed=True), "`examples_per_class_seed` must be a non-negative integer"),
+    (dict(mixup=-1.0), r"`mixup` \(MixUp alpha\) must be a finite number >= 0"),
+    (dict(mixup=math.nan), "`mixup`"),
+    (dict(mixup=math.inf), "`mixup`"),
+    (dict(base_lr=0.0), "`base_lr` must be a finite number > 0"),
+    (dict(base_lr=math.nan), "`base_lr`"),
+    (dict(base_lr="0.1"), "`base_lr`"),
+    (dict(eval_fraction=1.0), r"`eval_fraction` must be in \(0, 1\)"),
+    (dict(eval_fraction=0), r"`eval_fraction` must be in \(0, 1\)"),
+    (dict(mixed_precision="float16"), "`mixed_precision` must be one of"),
+    (dict(jit_compile="yes"), "`jit_compile` must be True or False"),
+    (dict(deterministic=None), "`deterministic` must be True or False"),
+    (dict(trainable="backbone"), "`trainable` must be \"all\""),
+    (dict(trainable=0), "`trainable` must be"),
+    (dict(trainable=5), "`trainable` must be"),
+    (dict(trainable=True), "`trainable` must be"),
+    (dict(resolution=(32, 64)), "`resolution` must be None"),
+    (dict(resolution=16), "`resolution` must be None"),
+])
+def test_bad_arguments_are_refused_up_front(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan.Arguments(**kwargs).check()
+
+
+def test_good_arguments_pass():
+    plan.Arguments(batch_size=8, steps=5, mixup=0.0, trainable=3, resolution=(36, 32), eval_every=2).check()
+    plan.Arguments(trainable="head", base_lr=1, examples_per_class=1, examples_per_class_seed=0).check()
+
+
+def test_frozen_stages():
+    assert [plan.frozen_blocks(t) for t in ("all", 1, 2, 3, 4, "head")] == [0, 1, 2, 3, 4, 5]
+
+
+def test_default_base_lr_depends_on_pretraining():
+    assert plan.default_base_lr("imagenet21k") == hyperrule.BASE_LR == 0.003
+    assert plan.default_base_lr(None) == hyperrule.SCRATCH_BASE_LR > 10 * hyperrule.BASE_LR
+
+
+@pytest.mark.parametrize("total,every,evaluate,expected", [
+    (100, 10, None, 10), (100, 10, 25, 5), (100, 7, None, 7), (100, 200, None, 100), (6, 4, 6, 2)])
+def test_chunks_end_on_every_backup_and_evaluation(total, every, evaluate, expected):
+    chunk = plan.chunk_steps(total, min(every, total), evaluate)
+    assert chunk == expected
+    assert min(every, total) % chunk == 0 and (evaluate is None or evaluate % chunk == 0)
+
+
+def test_mismatch_names_settings_as_typed():
+    changes = [("base_lr", 0.16, 0.5), ("jit_compile", False, True), ("weights", None, "imagenet21k"),
+               ("train_fingerprint", "aaa", "bbb")]
+    error = plan.RunMismatchError("/runs/r", changes)
+    assert "base_lr=0.16 -> 0.5" in str(error) and "jit_compile=False -> True" in str(error)
+    assert "choose a new `output_dir`" in str(error)
+    cli = error.describe(flags=True)
+    assert "--base-lr 0.16 -> 0.5" in cli and "--xla off -> on" in cli and "--weights none -> imagenet21k" in cli
+    assert "--data aaa -> bbb (train_fingerprint)" in cli and "--output-dir" in cli
+
+
+def test_every_result_changing_argument_is_compared():
+    """Each of finetune's result-changing arguments maps to a compared run.json key."""
+    compared_args = {arg for _, arg, _ in plan.COMPARED}
+    for arg in ("model", "weights", "data", "batch_size", "steps", "resolution", "base_lr", "mixup", "seed",
+                "mixed_precision", "jit_compile", "deterministic", "gradient_accumulation_steps", "trainable",
+                "checkpoint_every", "examples_per_class", "examples_per_class_seed"):
+        assert arg in compared_args, arg
+
+
+def test_check_resume(tmp_path):
+    record = {key: 1 for key, _, _ in plan.COMPARED}
+    plan.check_resume(tmp_path, record, has_backup=False)  # nothing to resume: anything goes
+    with pytest.raises(ValueError, match="holds a backup but no run.json"):
+        plan.check_resume(tmp_path, record, has_backup=True)
+    plan.write_record(tmp_path, record)
+    plan.check_resume(tmp_path, dict(record, eval_every=7, replicas=2), has_backup=True)  # not compared
+    with pytest.raises(plan.RunMismatchError, match=r"steps=1 -> 2"):
+        plan.check_resume(tmp_path, dict(record, steps=2), has_backup=True)
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match="Cannot read .*run.json"):
+        plan.check_resume(tmp_path, record, has_backup=True)
