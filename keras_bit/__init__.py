@@ -8,11 +8,12 @@ Reference:
 import os as _os
 import sys as _sys
 
-# The `keras-bit` command keeps TensorFlow's C++ start-up and runtime logs off the console. The
-# variable must be set before TensorFlow is imported, which this package's imports do; a value the
-# user set wins. Library users (any other program) are left alone.
+# The `keras-bit` command keeps TensorFlow's C++ log lines off the console (see keras_bit.console);
+# it must act before TensorFlow is imported, which the imports below do. Other programs are left alone.
 if _sys.argv and _os.path.basename(_sys.argv[0]) == "keras-bit":
-    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from keras_bit.console import quiet_tensorflow_import
+
+    quiet_tensorflow_import()
 
 from keras_bit.cache import DownloadError  # noqa: E402
 from keras_bit.checkpoints import convert, load_weights, save_npz  # noqa: E402

@@ -22,11 +22,21 @@ from keras_bit import configs
 from keras_bit.train import hyperrule
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless its help already says it (or it is an on/off flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`keras-bit finetune: error: ...`, exit status 2) and defaults in --help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -129,13 +139,19 @@ def build_parser():
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
 
+    _add_finetune_parser(sub)
+    _add_other_parsers(sub)
+    return parser
+
+
+def _add_finetune_parser(sub):
     p = sub.add_parser("finetune", help="fine-tune with BiT-HyperRule (model.fit on tf.data under tf.distribute)")
     p.add_argument("--model", default="BiT-M-R50x1", choices=configs.MODEL_NAMES, metavar="MODEL",
                    help=f"one of {', '.join(configs.MODEL_NAMES)}")
     p.add_argument("--data", default="sklearn:digits",
                    help='tfds name, image folder, or "sklearn:digits" (bundled with scikit-learn, offline)')
     p.add_argument("--weights", default=None, type=_weights_arg,
-                   help='checkpoint to start from ("imagenet21k", "imagenet", a path); none: random init')
+                   help='checkpoint to start from ("imagenet21k", "imagenet", a path) (default: none, random init)')
     p.add_argument("--batch-size", type=_positive_int, default=hyperrule.BASE_BATCH_SIZE,
                    help="global batch; may exceed the training set (it repeats, as in BiT's few-shot runs)")
     p.add_argument("--steps", type=_positive_int, default=None, help="total steps (default: BiT-HyperRule's)")
@@ -144,22 +160,23 @@ def build_parser():
     p.add_argument("--examples-per-class", type=_positive_int, default=None,
                    help="few-shot: K examples of each class")
     p.add_argument("--examples-per-class-seed", type=int, default=None, help="seed of the few-shot draw (default: --seed)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, MixUp and initialisation")
     p.add_argument("--base-lr", type=float, default=None,
                    help=f"learning rate at batch 512, scaled linearly (default: {hyperrule.BASE_LR} with --weights, "
                         f"{hyperrule.SCRATCH_BASE_LR} from random init)")
     p.add_argument("--mixup", type=float, default=None, help="MixUp alpha (default: HyperRule)")
     p.add_argument("--trainable", type=_trainable_arg, default="all",
                    help='"all", "head" (linear probe) or a block 1-4 (the root and blocks below it stay frozen)')
-    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default: at the end)")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default: only at the end)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps between backups (default: a tenth)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--eval-split", default=None)
+    p.add_argument("--split", default="train", help="tfds training split")
+    p.add_argument("--eval-split", default=None, help='tfds evaluation split (default: "test", else "validation")')
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share when there is no eval split")
     p.add_argument("--data-dir", default=None, help="tfds data_dir")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out undecodable images (listed in skipped_images.txt) instead of stopping")
-    p.add_argument("--mixed-precision", default=None, choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    p.add_argument("--mixed-precision", default=None, choices=("float32", "mixed_float16", "mixed_bfloat16"),
+                   help="Keras dtype policy (default: float32)")
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--xla", action="store_true", help="compile the training step with XLA")
     p.add_argument("--nondeterministic", action="store_true",
@@ -169,6 +186,9 @@ def build_parser():
                    help='train on a Cloud TPU (TPUStrategy): "local" on a TPU VM, else its name or grpc:// address')
     p.add_argument("--quiet", action="store_true", help="print only the result")
 
+
+
+def _add_other_parsers(sub):
     p = sub.add_parser("report", help="redraw a fine-tuning run's summary.png (curves and confusion matrix)")
     p.add_argument("run_dir", help="the run's --output-dir")
     p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/summary.png)")
@@ -191,7 +211,6 @@ def build_parser():
     p.add_argument("input", help="official-layout .npz checkpoint")
     p.add_argument("output", help="destination .weights.h5")
     p.add_argument("--model", required=True, choices=configs.MODEL_NAMES, help="architecture of the checkpoint")
-    return parser
 
 
 def _finetune(args):

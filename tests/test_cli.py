@@ -48,3 +48,71 @@ def test_finetune_command_on_bundled_digits(tmp_path, capsys):
 def test_finetune_command_rejects_bad_resolution(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--resolution", "1,2,3"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["finetune", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+    (["finetune", "--checkpoint-every", "-3"], "argument --checkpoint-every: must be a positive integer, got -3"),
+    (["finetune", "--steps", "x"], "argument --steps: invalid _positive_int value: 'x'"),
+    (["finetune", "--model", "BiT-Q"], "argument --model: invalid choice: 'BiT-Q'"),
+    (["finetune", "--mixup", "-1", "--steps", "5"], "`mixup` (MixUp alpha) must be a finite number >= 0"),
+    (["finetune", "--trainable", "7", "--steps", "5"], "`trainable` must be \"all\""),
+    (["finetune", "--output-dir", "", "--steps", "5"], "`output_dir` must be a non-empty path"),
+    (["report", "/no/such/run"], "Run folder not found"),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        status = main(argv)
+        raise SystemExit(status)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"keras-bit {argv[0]}: error: ") and message in err[0], err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 512)", "(default: sklearn:digits)", "(default: bit_finetune)", "(default: all)",
+                    "(default: 0.003 with --weights, 0.2 from random init)"):
+        assert default in text, default
+
+
+def test_resume_mismatch_names_flags(tmp_path, capsys):
+    out = tmp_path / "digits"
+    base = ["finetune", "--data", "sklearn:digits", "--steps", "5", "--batch-size", "8", "--resolution", "32",
+            "--output-dir", str(out), "--checkpoint-every", "1"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base[:-1] + ["2"] + ["--base-lr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--base-lr 0.2 -> 0.5" in err[0] and "--checkpoint-every 1 -> 2" in err[0], err
+    assert "choose a new --output-dir" in err[0]
+
+
+def test_report_command_redraws_the_summary(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert main(["finetune", "--steps", "5", "--batch-size", "8", "--resolution", "32", "--output-dir", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("eval top-1 accuracy:") and "step " not in printed  # --quiet: the result only
+    (out / "summary.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "summary.png") and (out / "summary.png").stat().st_size
+
+
+def test_console_has_no_tensorflow_noise(tmp_path):
+    """The installed command: TensorFlow is imported (the error comes from finetune), yet stderr is one line."""
+    import os
+    import shutil
+    import subprocess
+
+    command = shutil.which("keras-bit")
+    if command is None:
+        pytest.skip("the keras-bit console script is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([command, "finetune", "--mixup", "nan", "--steps", "5"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "keras-bit finetune: error: `mixup` (MixUp alpha) must be a finite number >= 0. Received: mixup=nan"]

@@ -405,11 +405,18 @@ def test_a_failed_write_leaves_the_previous_picture(tmp_path, monkeypatch):
 
 
 def test_report_module_imports_neither_tensorflow_nor_keras():
-    # Loaded by file path so that keras_bit/__init__.py (which does import Keras) stays out of it.
+    # Loaded by file path, run_record first under its package name, so that keras_bit/__init__.py
+    # (which does import Keras) stays out of it.
+    from keras_bit.train import run_record
+
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('report', {report.__file__!r})\n"
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "def load(name, path):\n"
+        "    spec = importlib.util.spec_from_file_location(name, path)\n"
+        "    module = sys.modules[name] = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+        f"load('keras_bit.train.run_record', {run_record.__file__!r})\n"
+        f"load('report', {report.__file__!r})\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'matplotlib')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

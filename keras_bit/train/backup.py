@@ -202,7 +202,7 @@ def _write_backup(model, backup_dir, step, keep):
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: clean up, do not disguise
             raise
         raise BackupError(_failure_message(step, folder, e, previous)) from e
-    logger.info("Backed up step %d to %s", step, final)
+    logger.debug("Backed up step %d to %s", step, final)
     try:
         _prune(folder, step, keep)
     except OSError as e:  # the new backup is complete: report, do not stop training

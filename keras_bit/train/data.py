@@ -1,8 +1,11 @@
-"""Fine-tuning data sources: image folders, arrays, tfds, scikit-learn's digits; few-shot draws.
+"""Fine-tuning data sources: image folders, arrays, tfds, scikit-learn's digits; checks; few-shot draws.
 
-A source is held in memory *undecoded* (file paths, encoded bytes or uint8
-arrays) and decoded after shuffling (see `keras_bit.train.pipeline`), so
-shuffling and resuming are cheap.
+A folder or array source is held in memory *undecoded* (file paths, encoded
+bytes or uint8 arrays) and decoded after shuffling (see
+`keras_bit.train.pipeline`), so shuffling and resuming are cheap; a tfds
+source stays in tfds' files (`keras_bit.train.tfds_data`). `load` checks a
+data set before any training step: every folder image decodes, labels are
+0..C-1, at least 2 classes, class names non-empty, distinct, single-line.
 """
 
 import dataclasses

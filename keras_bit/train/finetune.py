@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 
 import keras
@@ -28,11 +27,10 @@ import tensorflow as tf
 from keras_bit.train import backup, distribute, evaluation, hyperrule, pipeline, plan
 from keras_bit.train import data as data_lib
 from keras_bit.train.logs import RunLog
+from keras_bit.train.run_record import CLASS_NAMES_FILE, RESULTS_FILE
 
 logger = logging.getLogger("keras_bit")
 
-RESULTS_FILE = "results.json"
-CLASS_NAMES_FILE = "class_names.txt"
 SKIPPED_FILE = "skipped_images.txt"
 
 
@@ -135,7 +133,7 @@ def finetune(
             storage all workers share: the chief writes, the others only
             restore), else `MirroredStrategy` over the local GPUs.
         base_lr: learning rate at batch size 512, scaled linearly to
-            `batch_size`. None: BiT-HyperRule's 0.003 with `weights`, 0.1 from
+            `batch_size`. None: BiT-HyperRule's 0.003 with `weights`, 0.2 from
             random initialisation (`hyperrule.SCRATCH_BASE_LR`).
         mixup: MixUp alpha (>= 0); None applies the hyper-rule (0.1 when the
             training set has >= 20k examples, else off).
@@ -178,7 +176,7 @@ def finetune(
     )
     args.check()
     plan.check_model(model)
-    output_dir = _check_output_dir(output_dir)
+    output_dir = plan.check_output_dir(output_dir)
     strategy = distribute.select_strategy(strategy, gradient_accumulation_steps)
     chief = distribute.is_chief(strategy)
     dataset, train = _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images)
@@ -206,25 +204,6 @@ def finetune(
             trained = keras.Model(net.input, probs, name=net.name)
     return _write_outputs(trained, run, dataset, scores, log, output_dir, chief, export_dir, show,
                           time.monotonic() - started, start)
-
-
-def _check_output_dir(output_dir):
-    if output_dir is None or not os.fspath(output_dir).strip():
-        raise ValueError(f"`output_dir` must be a non-empty path. Received: output_dir={output_dir!r}")
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    parent = os.path.dirname(output_dir)
-    if not os.path.isdir(parent):
-        raise ValueError(f"The parent of `output_dir` does not exist: {parent}")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"`output_dir` is a file, not a folder: {output_dir}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        # A real write, not os.access: root passes access checks on read-only file systems.
-        with tempfile.NamedTemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise ValueError(f"`output_dir` is not writable: {output_dir} ({e.strerror or e})") from e
-    return output_dir
 
 
 def _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images):
@@ -259,6 +238,8 @@ def _log_plan(run, dataset, train, weights, args):
         logger.info("The batch (%d) is larger than the training set (%d examples): each batch holds every "
                     "example about %d times, each with its own augmentation.", args.batch_size, n,
                     args.batch_size // n)
+    logger.info("Backups every %d steps in %s; evaluation %s.", run.checkpoint_every, "backup/",
+                f"every {run.eval_every} steps and at the end" if run.eval_every else "at the end")
     if run.mixup and run.accumulation > 1:
         logger.info("MixUp mixes within each micro-batch of %d examples.", run.micro_batch)
 
@@ -332,8 +313,6 @@ def _fit(net, run, train, dataset, strategy, start, chief, backup_dir, callbacks
         logger.info("The run in %s is complete (step %d of %d): nothing left to train; evaluating its weights.",
                     os.path.dirname(backup_dir), start, run.total)
         return log
-    if start:
-        logger.info("Resuming at step %d of %d.", start, run.total)
 
     def make_pipeline(**sharding):
         return pipeline.train_pipeline(train, dataset.num_classes, run.micro_batch, run.resize, run.crop,

@@ -23,8 +23,9 @@ import time
 import keras
 import tensorflow as tf
 
-COLUMNS = ("step", "loss", "accuracy", "learning_rate", "val_loss", "val_accuracy", "val_top5_accuracy")
-METRICS_FILE = "metrics.csv"
+from keras_bit.train.run_record import METRICS_COLUMNS, METRICS_FILE
+
+COLUMNS = METRICS_COLUMNS
 _TRAIN = ("loss", "accuracy")
 _VAL = ("val_loss", "val_accuracy", "val_top5_accuracy")
 

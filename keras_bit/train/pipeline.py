@@ -113,7 +113,8 @@ def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_a
     ds = ds.batch(share, drop_remainder=True)
     if mixup_alpha:
         ds = ds.enumerate(start=start_step).map(
-            lambda b, xy: mixup(xy[0], xy[1], mixup_alpha, seed, b), num_parallel_calls=_AUTOTUNE
+            lambda b, xy: mixup(xy[0], xy[1], mixup_alpha, seed, b), num_parallel_calls=_AUTOTUNE,
+            deterministic=True,  # order kept even where a caller's tf.data options allow otherwise
         )
     if per_replica_batch_size is not None and per_replica_batch_size != share:
         if share % per_replica_batch_size:
@@ -145,5 +146,6 @@ def eval_pipeline(split, num_classes, batch_size, crop):
     ds = ds.map(
         lambda r, y: (eval_transform(decode(r, kind), crop), tf.one_hot(y, num_classes)),
         num_parallel_calls=_AUTOTUNE,
+        deterministic=True,  # predictions are matched to labels by position
     )
     return ds.batch(batch_size).prefetch(_AUTOTUNE)

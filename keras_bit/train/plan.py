@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 
 from keras_bit import configs
 from keras_bit.train import hyperrule
@@ -206,6 +207,26 @@ def chunk_steps(total, checkpoint_every, eval_every):
     """Steps per Keras epoch: every backup and evaluation falls on an epoch end."""
     chunk = math.gcd(checkpoint_every, eval_every or checkpoint_every)
     return min(chunk, total)
+
+
+def check_output_dir(output_dir):
+    """The absolute `output_dir`, created; raises `ValueError` unless it is a non-empty path to a writable folder."""
+    if output_dir is None or not os.fspath(output_dir).strip():
+        raise ValueError(f"`output_dir` must be a non-empty path. Received: output_dir={output_dir!r}")
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    parent = os.path.dirname(output_dir)
+    if not os.path.isdir(parent):
+        raise ValueError(f"The parent of `output_dir` does not exist: {parent}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"`output_dir` is a file, not a folder: {output_dir}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        # A real write, not os.access: root passes access checks on read-only file systems.
+        with tempfile.NamedTemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"`output_dir` is not writable: {output_dir} ({e.strerror or e})") from e
+    return output_dir
 
 
 def read_record(output_dir):
