@@ -10,6 +10,7 @@ Examples:
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -184,7 +185,7 @@ def _add_finetune_parser(sub):
     p.add_argument("--export-dir", default=None, help="also export a serving SavedModel under this folder")
     p.add_argument("--tpu", default=None,
                    help='train on a Cloud TPU (TPUStrategy): "local" on a TPU VM, else its name or grpc:// address')
-    p.add_argument("--quiet", action="store_true", help="print only the result")
+    p.add_argument("--quiet", action="store_true", help="print only the result and warnings")
 
 
 
@@ -284,24 +285,35 @@ _COMMANDS = {
 }
 
 
-def _setup_logging():
-    # keras_bit's own messages only, once each: a root handler would also print TensorFlow's.
-    log = logging.getLogger("keras_bit")
-    if not any(getattr(h, "_keras_bit_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[keras-bit] %(message)s"))
-        handler._keras_bit_cli = True
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
+@contextlib.contextmanager
+def _console_logging(quiet=False):
+    """keras_bit's messages on stderr, once each, for the command's duration; the logging state is restored after.
+
+    Only the "keras_bit" logger gets a handler (a root handler would also print TensorFlow's), and
+    libraries' own Python warnings (tfds through absl: "Variant folder ... has no dataset_info.json")
+    stay off.
+    """
+    log, absl = logging.getLogger("keras_bit"), logging.getLogger("absl")
+    saved = log.level, log.propagate, absl.level
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[keras-bit] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.level, log.propagate, absl.level = saved[0], saved[1], saved[2]
 
 
 def main(argv=None):
     """Runs the `keras-bit` command; returns the exit status (2 for user errors, one line on stderr)."""
     args = build_parser().parse_args(argv)
-    _setup_logging()
     try:
-        _COMMANDS[args.command](args)
+        with _console_logging(quiet=getattr(args, "quiet", False)):
+            _COMMANDS[args.command](args)
     except (ValueError, OSError) as e:
         from keras_bit.train.plan import RunMismatchError
 

@@ -9,24 +9,43 @@ TensorFlow logs later and imports TensorFlow with file descriptor 2 pointed at
 `TF_CPP_MIN_LOG_LEVEL=0` (or 1) in the environment keeps every line.
 """
 
+import contextlib
 import importlib
 import os
 import sys
 
+_QUIET = False  # set by the command: only then is native stderr ever redirected
 
-def quiet_tensorflow_import():
-    """Imports TensorFlow with its start-up C++ log lines silenced, unless the user asked for them."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("0", "1") or "tensorflow" in sys.modules:
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Within the command (unless TF_CPP_MIN_LOG_LEVEL asks for logs), C/C++ writes to stderr go nowhere.
+
+    Also used around the up-front decoding of every image: libjpeg prints its own
+    line ("Improper call to JPEG library in state 201") for a truncated JPEG, beside
+    the error keras_bit raises naming the file.
+    """
+    if not _QUIET or os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1"):
+        yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        importlib.import_module("tensorflow")
+        yield
     finally:
-        # Restored before any exception propagates, so an import error is still printed.
+        # Restored before any exception propagates, so a Python error is still printed.
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def quiet_tensorflow_import():
+    """Imports TensorFlow with its start-up C++ log lines silenced, unless the user asked for them."""
+    global _QUIET
+    _QUIET = True
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules:
+        with native_stderr_silenced():
+            importlib.import_module("tensorflow")

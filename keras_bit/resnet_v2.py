@@ -160,6 +160,17 @@ def _resolve_weights(weights, weights_table):
     return path, checkpoints.head_classes(path), None
 
 
+def check_weights(model_name, weights):
+    """Raises `ValueError` unless `weights` is valid for the named model; downloads nothing.
+
+    Example:
+        >>> check_weights("BiT-M-R50x1", "imagenet21k")
+    """
+    configs.split_model_name(model_name)
+    if weights is not None:
+        _resolve_weights(configs.vtab_checkpoint(model_name, weights) or weights, configs.CHECKPOINTS[model_name])
+
+
 def ResNetV2(
     block_units=(3, 4, 6, 3),
     width_factor=1,

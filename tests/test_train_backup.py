@@ -58,7 +58,8 @@ def train(model, backup_dir, epochs, initial_epoch=0, every=4, total=None, keep=
 
 
 def names(folder):
-    return sorted(os.listdir(folder))
+    """The folder's files but the digests, which `test_every_backup_has_its_digest` checks."""
+    return sorted(n for n in os.listdir(folder) if not n.endswith(".sha256"))
 
 
 @pytest.fixture
@@ -142,9 +143,19 @@ def _damage(path, how, other_model):
         other_model.save_weights(path)
     elif how == "architecture":  # the first layer loads, the second does not: a half-assigned model
         other_model.save_weights(path)
+    elif how == "flipped_byte":  # HDF5 reads it without complaint: only the digest sees it
+        data = bytearray(path.read_bytes())
+        data[size - size // 3] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif how == "no_digest":
+        os.remove(f"{path}.sha256")
+    if how in ("step_in_file", "nan", "architecture"):
+        # A file consistent with its digest, to exercise the checks behind it.
+        backup._write_digest(path, f"{path}.sha256")
 
 
-@pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "step_in_file", "nan", "architecture"])
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "step_in_file", "nan", "architecture",
+                                 "flipped_byte", "no_digest"])
 def test_damaged_newest_backup_falls_back_to_the_previous(tmp_path, how, log):
     snapshots = {}
     train(make_model(), tmp_path, epochs=2, snapshots=snapshots)
@@ -161,6 +172,17 @@ def test_damaged_newest_backup_falls_back_to_the_previous(tmp_path, how, log):
         assert "optimizer step counter is 4, expected 8" in "".join(log)
     if how == "nan":
         assert "NaN" in "".join(log)
+    if how == "flipped_byte":
+        assert "does not match its sha256 digest" in "".join(log)
+
+
+def test_every_backup_has_its_digest(tmp_path):
+    train(make_model(), tmp_path, epochs=3)
+    files = sorted(os.listdir(tmp_path))
+    weights = [n for n in files if n.endswith(".weights.h5")]
+    assert files == sorted(weights + [n + ".sha256" for n in weights])  # pruned together
+    for name in weights:
+        assert (tmp_path / f"{name}.sha256").read_text().strip() == backup._sha256(tmp_path / name)
 
 
 def test_resuming_before_damaged_backups_replaces_them(tmp_path):
@@ -276,7 +298,7 @@ DISK_FULL = textwrap.dedent(
         model.fit(x, x, batch_size=8, epochs=3, verbose=0, callbacks=[cb, keep])
     except backup.BackupError as e:
         out["error"] = str(e)
-    out["files"] = sorted(os.listdir(folder))
+    out["files"] = sorted(n for n in os.listdir(folder) if not n.endswith(".sha256"))
     fresh = keras.Sequential([keras.Input((64,)), keras.layers.Dense(1024), keras.layers.Dense(64)])
     fresh.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
     out["restored"] = backup.restore(fresh, folder)

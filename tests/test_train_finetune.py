@@ -79,7 +79,8 @@ def test_last_chunk_may_be_shorter(tmp_path):
     rows = _metrics(tmp_path / "run" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [4, 8, 10]
     assert int(result.model.layers[-1].input.shape[-1]) == 3
-    assert sorted(os.listdir(tmp_path / "run" / "backup"))[-1] == "step-000000010.weights.h5"
+    assert sorted(os.listdir(tmp_path / "run" / "backup"))[-2:] == ["step-000000010.weights.h5",
+                                                                     "step-000000010.weights.h5.sha256"]
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
@@ -87,7 +88,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     reference = run_finetune(tmp_path, "straight", **settings)
     with pytest.raises(KeyboardInterrupt):
         run_finetune(tmp_path, "crashed", callbacks=[Crash(after_batches=6)], **settings)  # dies in chunk 2
-    assert sorted(os.listdir(tmp_path / "crashed" / "backup")) == ["step-000000004.weights.h5"]
+    assert sorted(os.listdir(tmp_path / "crashed" / "backup")) == ["step-000000004.weights.h5",
+                                                                    "step-000000004.weights.h5.sha256"]
     resumed = run_finetune(tmp_path, "crashed", **settings)
     assert resumed.steps == 12 and [h["step"] for h in resumed.history] == [8, 12]  # only what was left
     assert [r["step"] for r in _metrics(tmp_path / "crashed" / "metrics.csv")] == ["4", "8", "12"]
@@ -98,7 +100,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
 def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, caplog):
     first = run_finetune(tmp_path, steps=6)
     with caplog.at_level("INFO", logger="keras_bit"):
-        again = run_finetune(tmp_path, steps=6)
+        again = run_finetune(tmp_path, steps=6, verbose=1)  # prints the final row read back from metrics.csv
     assert "is complete (step 6 of 6): nothing left to train" in caplog.text
     assert again.eval_accuracy == first.eval_accuracy and again.history[-1]["step"] == 6
     assert [r["step"] for r in _metrics(tmp_path / "run" / "metrics.csv")].count("6") == 1
@@ -107,7 +109,8 @@ def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, caplog):
 @pytest.mark.parametrize("change,message", [
     (dict(checkpoint_every=4), "checkpoint_every=2 -> 4"),
     (dict(base_lr=0.25), "base_lr=0.5 -> 0.25"),
-    (dict(mixed_precision="mixed_bfloat16"), "mixed_precision=None -> 'mixed_bfloat16'"),
+    (dict(mixed_precision="mixed_bfloat16"), "mixed_precision='float32' -> 'mixed_bfloat16'"),
+    (dict(eval_fraction=0.3), r"eval_fraction=0.2 -> 0.3\. Run again"),  # named, not as a fingerprint
     (dict(steps=12), "steps=10 -> 12"),
     (dict(batch_size=4), "batch_size=8 -> 4"),
     (dict(mixup=0.1), "mixup=0.0 -> 0.1"),
@@ -242,3 +245,15 @@ def test_mirrored_strategy_two_logical_cpus(tmp_path):
     assert report["loss"][-1] < report["loss"][0]
     assert report["accuracy"] >= 0.6
     assert report["val"][4] is not None and report["val"][-1] == report["accuracy"]  # evaluated at 10 and 20
+
+
+def test_resume_under_another_environment_is_logged(tmp_path, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(tmp_path, "r", steps=6, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
+    record = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert record["environment"]["tensorflow"] and record["environment"]["intra_op_threads"] >= 1
+    record["environment"]["intra_op_threads"] += 7  # as if the run had started on a bigger machine
+    (tmp_path / "r" / "run.json").write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="keras_bit"):
+        assert run_finetune(tmp_path, "r", steps=6, checkpoint_every=2).steps == 6
+    assert "Resuming under another environment" in caplog.text and "not be bit-identical" in caplog.text

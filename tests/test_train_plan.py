@@ -19,7 +19,8 @@ from keras_bit.train import hyperrule, plan
     (dict(examples_per_class=0), "`examples_per_class` must be a positive integer"),
     (dict(seed=-1), "`seed` must be a non-negative integer"),
     (dict(seed=1.5), "`seed` must be a non-negative integer"),
-    (dict(examples_per_class_seed=True), "`examples_per_class_seed` must be a non-negative integer"),
+    (dict(examples_per_class=1, examples_per_class_seed=True), "`examples_per_class_seed` must be a non-negative"),
+    (dict(examples_per_class_seed=3), "`examples_per_class_seed` seeds the few-shot draw: it needs"),
     (dict(mixup=-1.0), r"`mixup` \(MixUp alpha\) must be a finite number >= 0"),
     (dict(mixup=math.nan), "`mixup`"),
     (dict(mixup=math.inf), "`mixup`"),
@@ -67,13 +68,14 @@ def test_chunks_end_on_every_backup_and_evaluation(total, every, evaluate, expec
 
 def test_mismatch_names_settings_as_typed():
     changes = [("base_lr", 0.16, 0.5), ("jit_compile", False, True), ("weights", None, "imagenet21k"),
-               ("train_fingerprint", "aaa", "bbb")]
+               ("train_fingerprint", "aaa", "bbb"), ("deterministic", True, False)]
     error = plan.RunMismatchError("/runs/r", changes)
     assert "base_lr=0.16 -> 0.5" in str(error) and "jit_compile=False -> True" in str(error)
     assert "choose a new `output_dir`" in str(error)
     cli = error.describe(flags=True)
     assert "--base-lr 0.16 -> 0.5" in cli and "--xla off -> on" in cli and "--weights none -> imagenet21k" in cli
     assert "--data aaa -> bbb (train_fingerprint)" in cli and "--output-dir" in cli
+    assert "--nondeterministic off -> on" in cli and "deterministic=True -> False" in str(error)
 
 
 def test_every_result_changing_argument_is_compared():

@@ -30,6 +30,7 @@ model.fit(data_from(step), initial_epoch=step // steps_per_epoch, epochs=total /
 """
 
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -47,6 +48,8 @@ _NAME = re.compile(r"^step-(\d{9})\.weights\.h5$")
 # Keras only writes names ending in `.weights.h5`; the leading dot keeps a file being
 # written out of `ls` and out of `_NAME`, so `restore` never sees it.
 _TEMP_PREFIX = ".writing-"
+# Each backup's sha256, in `step-N.weights.h5.sha256` beside it.
+_DIGEST_SUFFIX = ".sha256"
 # keras.callbacks.BackupAndRestore's files (the format used before this module).
 _OLD_FORMAT = ("latest.weights.h5", "latest.weights.h5.bkp", "training_metadata.json",
                "training_metadata.json.bkp")
@@ -153,10 +156,41 @@ def _fsync(path):
 
 
 def _remove_temp_files(folder):
-    # Only one process writes backups, so any temporary file is left by a killed write.
+    # Only one process writes backups, so any temporary file is left by a killed write; so is a
+    # digest whose backup never got its final name.
     for name in os.listdir(folder):
-        if name.startswith(_TEMP_PREFIX) and name.endswith(".weights.h5"):
-            _remove(os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        if name.startswith(_TEMP_PREFIX):
+            _remove(path)
+        elif name.endswith(_DIGEST_SUFFIX) and not os.path.exists(path[: -len(_DIGEST_SUFFIX)]):
+            _remove(path)
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_digest(weights_path, digest_path):
+    """Writes the sha256 of `weights_path` beside it, atomically: HDF5 cannot see a flipped byte in its data."""
+    temp = os.path.join(os.path.dirname(digest_path), _TEMP_PREFIX + os.path.basename(digest_path))
+    with open(temp, "w") as f:
+        f.write(_sha256(weights_path) + "\n")
+    _fsync(temp)
+    os.replace(temp, digest_path)
+
+
+def _check_digest(path):
+    try:
+        with open(path + _DIGEST_SUFFIX) as f:
+            expected = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"its digest {os.path.basename(path)}{_DIGEST_SUFFIX} cannot be read ({_one_line(e)})") from e
+    if _sha256(path) != expected:
+        raise ValueError("its content does not match its sha256 digest (the file changed after it was written)")
 
 
 def _prune(folder, step, keep):
@@ -171,8 +205,10 @@ def _prune(folder, step, keep):
         if s > step:
             logger.warning("Removing %s: it is later than step %d, so it could not be restored.", path, step)
             _remove(path)
+            _remove(path + _DIGEST_SUFFIX)
     for _, path in [b for b in backups if b[0] <= step][keep:]:
         _remove(path)
+        _remove(path + _DIGEST_SUFFIX)
     _remove_temp_files(folder)
 
 
@@ -195,6 +231,8 @@ def _write_backup(model, backup_dir, step, keep):
         _check_free_space(model, folder, previous and previous[1])
         model.save_weights(temp)
         _fsync(temp)
+        # The digest goes in place first, so every backup under a final name has one.
+        _write_digest(temp, final + _DIGEST_SUFFIX)
         os.replace(temp, final)
         _fsync(folder)
     except BaseException as e:
@@ -316,6 +354,7 @@ def _step_counter(optimizer):
 
 def _load(model, path, step, iterations_per_step, counter):
     """Loads one backup into `model`; raises if it cannot be used."""
+    _check_digest(path)
     optimizer = model.optimizer
     # Keras only warns when it skips the optimizer state of a file that does not match, so a
     # counter left at -1 shows it; so does one left by a previous, failed attempt.

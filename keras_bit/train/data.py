@@ -16,6 +16,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_bit.console import native_stderr_silenced
 from keras_bit.validation import check_positive_int
 
 logger = logging.getLogger("keras_bit")
@@ -198,6 +199,9 @@ def _list_image_folder(root):
                 if f.startswith("."):
                     continue
                 path = os.path.join(dirpath, f)
+                if "\n" in f or "\r" in f:
+                    bad.append(f"{path!r} (a file name spanning lines: rename it)")
+                    continue
                 if not f.lower().endswith(IMAGE_EXTENSIONS):
                     bad.append(f"{path} (not an image file: expected {', '.join(IMAGE_EXTENSIONS)})")
                     continue
@@ -227,8 +231,9 @@ def decode_check(paths):
     ds = tf.data.Dataset.from_tensor_slices((tf.range(n, dtype=tf.int64), tf.constant(np.asarray(paths, str))))
     ds = ds.map(lambda i, path: (i, tf.shape(decode(path, "files"), out_type=tf.int64)[:2]),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    for index, hw in ds.ignore_errors().batch(1024).as_numpy_iterator():
-        sizes[index] = hw
+    with native_stderr_silenced():
+        for index, hw in ds.ignore_errors().batch(1024).as_numpy_iterator():
+            sizes[index] = hw
     bad = [str(paths[i]) for i in np.flatnonzero(sizes[:, 0] < 0)]
     return sizes, bad
 
@@ -275,8 +280,9 @@ def from_folder(root, eval_fraction=0.2, seed=0, skip_bad_images=False):
         train_idx, eval_idx = _holdout(len(train), eval_fraction, seed)
         train, eval_split = train.subset(train_idx), train.subset(eval_idx)
     if not len(train) or not len(eval_split):
+        reason = "once undecodable files are skipped" if bad else f"with eval_fraction={eval_fraction}"
         raise ValueError(f"Image folder {root!r} leaves no {'training' if not len(train) else 'evaluation'} "
-                         "images once undecodable files are skipped.")
+                         f"images {reason}.")
     size = tuple(int(v) for v in np.median(sizes[sizes[:, 0] >= 0], axis=0))
     return Dataset(train, eval_split, len(classes), classes, size, os.path.basename(os.path.normpath(root)),
                    skipped=bad)
@@ -341,6 +347,11 @@ def _load(data, eval_data, split, eval_split, eval_fraction, seed, data_dir, ski
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return from_arrays(data[0], data[1], eval_data=eval_data, eval_fraction=eval_fraction, seed=seed)
     if isinstance(data, (str, os.PathLike)):
+        if os.path.isfile(data):
+            raise ValueError(
+                f"`data` is a file: {os.fspath(data)!r}. Pass an image folder (root/<class>/<image>), a tfds "
+                "name or \"sklearn:digits\"."
+            )
         if os.path.isdir(data) or os.sep in os.fspath(data):
             return from_folder(data, eval_fraction=eval_fraction, seed=seed, skip_bad_images=skip_bad_images)
         from keras_bit.train import tfds_data  # imports tensorflow_datasets: only when a tfds name is given

@@ -67,7 +67,15 @@ def select_strategy(strategy=None, accumulation_steps=1):
     with one replica. A strategy passed in is never replaced: with
     accumulation it is refused instead.
     """
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    multi_worker = sum(len(v) for v in cluster.values()) > 1
     if accumulation_steps > 1:
+        if strategy is None and multi_worker:
+            raise ValueError(
+                f"gradient_accumulation_steps={accumulation_steps} cannot run on the cluster TF_CONFIG names: "
+                "each worker would train alone (keras-team/keras#17429). Use gradient_accumulation_steps=1, "
+                "with the global batch spread over the workers."
+            )
         if strategy is not None and strategy is not tf.distribute.get_strategy():
             raise ValueError(
                 f"gradient_accumulation_steps={accumulation_steps} cannot run under {type(strategy).__name__}: "
@@ -77,8 +85,7 @@ def select_strategy(strategy=None, accumulation_steps=1):
             )
         return tf.distribute.get_strategy()
     if strategy is None:
-        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
-        if sum(len(v) for v in cluster.values()) > 1:
+        if multi_worker:
             return MultiWorkerStrategy()
         return tf.distribute.MirroredStrategy()
     if type(strategy) is tf.distribute.MultiWorkerMirroredStrategy:
@@ -88,6 +95,15 @@ def select_strategy(strategy=None, accumulation_steps=1):
             "instead (same arguments), or pass no strategy and set TF_CONFIG."
         )
     return strategy
+
+
+def worker_count(strategy):
+    """Processes that build input under `strategy`: the cluster's chief and workers, else 1."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return 1
+    jobs = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(jobs.get(job, ())) for job in ("chief", "worker")))
 
 
 def is_chief(strategy):

@@ -175,13 +175,18 @@ def finetune(
         deterministic=deterministic, checkpoint_every=checkpoint_every, eval_every=eval_every, trainable=trainable,
     )
     args.check()
-    plan.check_model(model)
+    plan.check_model(model, weights)
+    plan.check_extras(export_dir, callbacks, strategy)
     output_dir = plan.check_output_dir(output_dir)
     strategy = distribute.select_strategy(strategy, gradient_accumulation_steps)
     chief = distribute.is_chief(strategy)
     dataset, train = _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images)
+    os.makedirs(output_dir, exist_ok=True)
     fingerprints = (train.fingerprint(), dataset.eval.fingerprint())
-    run = plan.resolve(model, weights, dataset, train, args, strategy.num_replicas_in_sync, fingerprints)
+    selection = dict(split=split, eval_split=eval_split, data_dir=None if data_dir is None else os.fspath(data_dir),
+                     skip_bad_images=bool(skip_bad_images))
+    run = plan.resolve(model, weights, dataset, train, args, strategy.num_replicas_in_sync, fingerprints,
+                       _environment(), selection, distribute.worker_count(strategy))
     backup_dir = os.path.join(output_dir, "backup")
     plan.check_resume(output_dir, run.record, bool(backup.list_backups(backup_dir)))
     if chief:
@@ -204,6 +209,16 @@ def finetune(
             trained = keras.Model(net.input, probs, name=net.name)
     return _write_outputs(trained, run, dataset, scores, log, output_dir, chief, export_dir, show,
                           time.monotonic() - started, start)
+
+
+def _environment():
+    """What the trained weights depend on besides the settings: measured, TensorFlow's intra-op thread
+    count changes them (benchmarks/RESULTS.md, "Determinism"), so do library versions and oneDNN."""
+    threads = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TensorFlow's default, one per core
+    if not threads:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"tensorflow": tf.__version__, "keras": keras.__version__, "intra_op_threads": threads,
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")}
 
 
 def _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images):
@@ -392,8 +407,15 @@ def _write_outputs(trained, run, dataset, scores, log, output_dir, chief, export
 def _save_model(model, path):
     # Keras writes the archive in place; a temporary name keeps a kill from leaving half a model.keras.
     tmp = os.path.join(os.path.dirname(path), ".model.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"Cannot write {path}: {e.strerror or e}. The run's weights are in its newest "
+                               "backup: free space and run the same command again to write the outputs.") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _draw_summary(output_dir):

@@ -99,7 +99,7 @@ class RunLog(keras.callbacks.Callback):
             row.update({k: None for k in _TRAIN})
             for previous in self.rows:
                 if int(previous["step"]) == step:
-                    row.update({k: previous[k] or None for k in _TRAIN})
+                    row.update({k: float(previous[k]) if previous[k] else None for k in _TRAIN})
             self.history.append(row)
         row.update(val_loss=evaluation["loss"], val_accuracy=evaluation["accuracy"],
                    val_top5_accuracy=evaluation["top5_accuracy"])

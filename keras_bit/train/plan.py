@@ -13,6 +13,7 @@ Reference:
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -21,18 +22,24 @@ from keras_bit import configs
 from keras_bit.train import hyperrule
 from keras_bit.validation import check_positive_int
 
+logger = logging.getLogger("keras_bit")
+
 RUN_FILE = "run.json"
 POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16")
 TRAINABLE = ("all", "head")
 NUM_BLOCKS = 4
 
 # Each setting that changes the trained weights: (run.json key, Python argument, CLI flag).
-# The data keys cover `split`, `eval_split`, `eval_fraction` and `data_dir` too: they are
-# compared through the examples they select.
+# The fingerprints compare the examples themselves (files and labels), whatever selected them.
 COMPARED = (
     ("model", "model", "--model"),
     ("weights", "weights", "--weights"),
     ("data", "data", "--data"),
+    ("split", "split", "--split"),
+    ("eval_split", "eval_split", "--eval-split"),
+    ("eval_fraction", "eval_fraction", "--eval-fraction"),
+    ("data_dir", "data_dir", "--data-dir"),
+    ("skip_bad_images", "skip_bad_images", "--skip-bad-images"),
     ("train_fingerprint", "data", "--data"),
     ("eval_fingerprint", "data", "--data"),
     ("class_names", "data", "--data"),
@@ -51,7 +58,14 @@ COMPARED = (
     ("gradient_accumulation_steps", "gradient_accumulation_steps", "--grad-accum"),
     ("trainable", "trainable", "--trainable"),
     ("checkpoint_every", "checkpoint_every", "--checkpoint-every"),
+    ("mixup_workers", "strategy", "TF_CONFIG workers"),
 )
+
+
+# Settings that select other examples, and the digests that would then differ too.
+_SELECTING = frozenset({"data", "split", "eval_split", "eval_fraction", "data_dir", "skip_bad_images", "seed",
+                        "examples_per_class", "examples_per_class_seed"})
+_EXAMPLES = frozenset({"train_fingerprint", "eval_fingerprint", "class_names"})
 
 
 class RunMismatchError(ValueError):
@@ -73,8 +87,8 @@ class RunMismatchError(ValueError):
         for key, old, new in self.changes:
             name = names.get(key, key)
             detail = f" ({key})" if key in ("train_fingerprint", "eval_fingerprint", "class_names", "schedule") else ""
-            parts.append(f"{name} {_show(old, flags)} -> {_show(new, flags)}{detail}" if flags
-                         else f"{name}={_show(old, flags)} -> {_show(new, flags)}{detail}")
+            old, new = _show(old, flags, key), _show(new, flags, key)
+            parts.append(f"{name} {old} -> {new}{detail}" if flags else f"{name}={old} -> {new}{detail}")
         where = "--output-dir" if flags else "`output_dir`"
         return (
             f"{self.output_dir} holds a backup of a run with other settings: {'; '.join(parts)}. "
@@ -82,7 +96,9 @@ class RunMismatchError(ValueError):
         )
 
 
-def _show(value, flags):
+def _show(value, flags, key=None):
+    if key == "deterministic" and flags and isinstance(value, bool):
+        value = not value  # shown under --nondeterministic
     if value is None:
         return "none" if flags else "None"
     if isinstance(value, bool) and flags:
@@ -127,6 +143,8 @@ class Arguments:
                 check_positive_int(getattr(self, name), name)
         if self.steps is not None and self.steps < 5:
             raise ValueError(f"`steps` must be >= 5 (one per BiT-HyperRule phase). Received: steps={self.steps!r}")
+        if self.examples_per_class_seed is not None and self.examples_per_class is None:
+            raise ValueError("`examples_per_class_seed` seeds the few-shot draw: it needs `examples_per_class`.")
         for name in ("seed", "examples_per_class_seed"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -188,9 +206,17 @@ def resolve_resolution(resolution, image_size):
     return tuple(resolution)
 
 
-def check_model(model):
+def check_model(model, weights):
+    """`model` is a BiT name or a builder; `weights` valid for it (names and files checked, nothing downloaded)."""
     if isinstance(model, str):
-        configs.split_model_name(model)
+        from keras_bit.resnet_v2 import check_weights
+
+        check_weights(model, weights)
+    elif weights is not None and isinstance(weights, (str, os.PathLike)) and (
+            os.sep in os.fspath(weights) or os.fspath(weights).endswith((".npz", ".h5"))):
+        from keras_bit.checkpoints import check_weights_path
+
+        check_weights_path(weights)
     elif not callable(model):
         raise ValueError(
             f"`model` must be a BiT model name ({', '.join(configs.MODEL_NAMES)}) or a builder callable. "
@@ -209,8 +235,31 @@ def chunk_steps(total, checkpoint_every, eval_every):
     return min(chunk, total)
 
 
+def check_extras(export_dir, callbacks, strategy):
+    """The arguments that only matter at the end or to Keras, checked before any work too."""
+    import keras
+
+    if export_dir is not None:
+        path = os.path.abspath(os.fspath(export_dir))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"`export_dir` is a file, not a folder: {path}")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise ValueError(f"The parent of `export_dir` does not exist: {os.path.dirname(path)}")
+    if not isinstance(callbacks, (list, tuple)) or not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
+        raise ValueError(f"`callbacks` must be a list of keras.callbacks.Callback. Received: callbacks={callbacks!r}")
+    if strategy is not None:
+        import tensorflow as tf
+
+        if not isinstance(strategy, tf.distribute.Strategy):
+            raise ValueError(f"`strategy` must be None or a tf.distribute.Strategy. Received: strategy={strategy!r}")
+
+
 def check_output_dir(output_dir):
-    """The absolute `output_dir`, created; raises `ValueError` unless it is a non-empty path to a writable folder."""
+    """The absolute `output_dir`; raises `ValueError` unless it is a non-empty path to a writable folder.
+
+    A folder that does not exist yet is created and removed again by the check (so that a run refused
+    later, e.g. for its data, leaves nothing behind); `finetune` creates it once the data is loaded.
+    """
     if output_dir is None or not os.fspath(output_dir).strip():
         raise ValueError(f"`output_dir` must be a non-empty path. Received: output_dir={output_dir!r}")
     output_dir = os.path.abspath(os.fspath(output_dir))
@@ -219,11 +268,14 @@ def check_output_dir(output_dir):
         raise ValueError(f"The parent of `output_dir` does not exist: {parent}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"`output_dir` is a file, not a folder: {output_dir}")
+    created = not os.path.exists(output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)
         # A real write, not os.access: root passes access checks on read-only file systems.
         with tempfile.NamedTemporaryFile(dir=output_dir):
             pass
+        if created:
+            os.rmdir(output_dir)
     except OSError as e:
         raise ValueError(f"`output_dir` is not writable: {output_dir} ({e.strerror or e})") from e
     return output_dir
@@ -252,17 +304,29 @@ def check_resume(output_dir, record, has_backup):
         )
     changes = [(key, previous.get(key), record.get(key)) for key, _, _ in COMPARED
                if previous.get(key) != record.get(key)]
+    if any(key in _SELECTING for key, _, _ in changes):  # that explains other examples: name only it
+        changes = [c for c in changes if c[0] not in _EXAMPLES]
     if changes:
         raise RunMismatchError(output_dir, changes)
+    if previous.get("environment") != record.get("environment"):
+        # Not refused: moving a crashed run to another machine is legitimate, and the settings
+        # are the same. But the float results depend on these (e.g. TensorFlow's thread count).
+        logger.warning(
+            "Resuming under another environment (%s -> %s): the same settings, but the result will not be "
+            "bit-identical to an uninterrupted run.", previous.get("environment"), record.get("environment"))
 
 
 def write_record(output_dir, record):
     """Writes run.json atomically (other workers may read it while the chief writes)."""
     path = os.path.join(output_dir, RUN_FILE)
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @dataclasses.dataclass
@@ -288,7 +352,8 @@ class Plan:
         return self.supports[-1]
 
 
-def resolve(model, weights, dataset, train, args, replicas, fingerprints):
+def resolve(model, weights, dataset, train, args, replicas, fingerprints, environment=None, selection=None,
+            workers=1):
     """The run's `Plan`: BiT-HyperRule for whatever `args` leaves open.
 
     Args:
@@ -300,6 +365,12 @@ def resolve(model, weights, dataset, train, args, replicas, fingerprints):
         replicas: the strategy's replica count (recorded, not compared: it
             changes only the float summation order of the same global batch).
         fingerprints: `(train, eval)` digests of the examples.
+        workers: processes that build input (multi-worker); compared when MixUp is on.
+        selection: the data-selecting arguments (`split`, `eval_split`,
+            `data_dir`, `skip_bad_images`), recorded and compared as typed.
+        environment: what the float results depend on besides the settings
+            (library versions, thread count); recorded, and a resume under
+            another environment is logged as not bit-identical.
     """
     n = len(train)
     resize, crop = resolve_resolution(args.resolution, dataset.image_size)
@@ -317,6 +388,8 @@ def resolve(model, weights, dataset, train, args, replicas, fingerprints):
         "model": describe_model(model),
         "weights": None if weights is None else os.fspath(weights),
         "data": dataset.name,
+        **(selection or {}),
+        "eval_fraction": args.eval_fraction,
         "train_examples": n,
         "eval_examples": len(dataset.eval),
         "train_fingerprint": fingerprints[0],
@@ -333,7 +406,7 @@ def resolve(model, weights, dataset, train, args, replicas, fingerprints):
         "learning_rate": learning_rate,
         "mixup": mixup,
         "seed": args.seed,
-        "mixed_precision": args.mixed_precision,
+        "mixed_precision": args.mixed_precision or "float32",
         "jit_compile": args.jit_compile,
         "deterministic": args.deterministic,
         "gradient_accumulation_steps": accumulation,
@@ -341,6 +414,9 @@ def resolve(model, weights, dataset, train, args, replicas, fingerprints):
         "checkpoint_every": checkpoint_every,
         "eval_every": eval_every,
         "replicas": replicas,
+        # MixUp pairs examples within each worker's share of the batch: the worker count then matters.
+        "mixup_workers": workers if mixup else None,
+        "environment": environment,
     }
     return Plan(resize, crop, tuple(supports), base_lr, learning_rate, mixup, checkpoint_every, eval_every,
                 chunk_steps(total, checkpoint_every, eval_every), accumulation,
