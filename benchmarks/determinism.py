@@ -6,6 +6,7 @@ per pair, whether the final weights are bit-identical and the largest difference
 (the default) and `False`, and the seconds per step of each setting.
 
     python benchmarks/determinism.py [--steps 30] [--pairs 2] [--hogs 1]
+    python benchmarks/determinism.py --cost 2 --steps 200   # the price of op determinism, one run at a time
 """
 
 import argparse
@@ -22,9 +23,9 @@ import numpy as np
 
 RUN = """
 import json, sys, time, numpy as np, keras_bit
-out, deterministic, steps = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+out, deterministic, steps, batch = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 start = time.monotonic()
-result = keras_bit.finetune("BiT-M-R50x1", "sklearn:digits", steps=steps, batch_size=16, resolution=(36, 32),
+result = keras_bit.finetune("BiT-M-R50x1", "sklearn:digits", steps=steps, batch_size=batch, resolution=(36, 32),
                             output_dir=out, deterministic=deterministic, checkpoint_every=steps, verbose=0)
 seconds = time.monotonic() - start
 np.savez(out + "/weights.npz", *result.model.get_weights())
@@ -38,13 +39,34 @@ def _hog(stop_at):
         x += 1
 
 
+def _run(deterministic, steps, batch, root):
+    out = tempfile.mkdtemp(dir=root)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", RUN, out, "1" if deterministic else "0", str(steps), str(batch)],
+                          capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def _cost(repeats, steps, root):
+    """Seconds per step of the README main job's settings (batch 32), with and without op determinism,
+    alternating so that a drift of the machine's speed hits both alike (the time includes start-up)."""
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for deterministic in (True, False):
+            times[deterministic].append(_run(deterministic, steps, 32, root) / steps)
+    for deterministic, values in times.items():
+        print(f"deterministic={deterministic!s:5}  s/step {' '.join(f'{v:.3f}' for v in values)}"
+              f"  median {np.median(values):.3f}")
+    print(f"cost of op determinism: {np.median(times[True]) / np.median(times[False]):.2f}x")
+
+
 def _pair(deterministic, steps, hogs, root):
     hog_processes = [multiprocessing.Process(target=_hog, args=(time.monotonic() + 600,)) for _ in range(hogs)]
     for p in hog_processes:
         p.start()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     outs = [tempfile.mkdtemp(dir=root) for _ in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", RUN, out, "1" if deterministic else "0", str(steps)],
+    procs = [subprocess.Popen([sys.executable, "-c", RUN, out, "1" if deterministic else "0", str(steps), "16"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) for out in outs]
     reports = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     for p in hog_processes:
@@ -62,8 +84,11 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--hogs", type=int, default=1)
+    parser.add_argument("--cost", type=int, default=0, help="instead: time N runs of each setting, one at a time")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="keras_bit_determinism_")
+    if args.cost:
+        return _cost(args.cost, args.steps, root)
     print(f"R50x1 from scratch, sklearn:digits, batch 16, 32 px, {args.steps} steps; "
           f"2 runs at a time beside {args.hogs} busy loop(s)")
     for deterministic in (True, False):
