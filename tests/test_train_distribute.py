@@ -81,7 +81,8 @@ def _backed_up_step(output_dir):
         names = os.listdir(os.path.join(output_dir, "backup"))
     except OSError:
         return 0
-    steps = [int(n[len("step-"):-len(".weights.h5")]) for n in names if n.startswith("step-")]
+    steps = [int(n[len("step-"):-len(".weights.h5")]) for n in names
+             if n.startswith("step-") and n.endswith(".weights.h5")]
     return max(steps, default=0)
 
 
