@@ -7,7 +7,7 @@ here and nowhere else:
   `MultiWorkerStrategy`);
 - Keras' gradient accumulation applies the accumulated update inside a `cond`,
   where tf.distribute cannot all-reduce (keras-team/keras#17429): it runs only
-  without replicas (see `accumulation_strategy`).
+  without replicas (see `select_strategy`).
 """
 
 import json

@@ -16,7 +16,6 @@ Reference:
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -321,9 +320,8 @@ def _freeze(net, frozen):
 
 def _fit(net, run, train, dataset, strategy, start, chief, backup_dir, callbacks, show):
     """Steps 4 and 5: the input pipelines, the callbacks and `model.fit` from the restored step."""
-    schedule = hyperrule.BiTSchedule(run.learning_rate, run.supports)
-    log = RunLog(os.path.dirname(backup_dir), lambda step: float(schedule(step)), run.steps_per_epoch, run.total,
-                 start_step=start, write=chief, verbose=show)
+    log = RunLog(os.path.dirname(backup_dir), lambda step: hyperrule.lr_at(step, run.supports, run.learning_rate),
+                 run.steps_per_epoch, run.total, start_step=start, write=chief, verbose=show)
     if start >= run.total:
         logger.info("The run in %s is complete (step %d of %d): nothing left to train; evaluating its weights.",
                     os.path.dirname(backup_dir), start, run.total)
@@ -388,10 +386,7 @@ def _write_outputs(trained, run, dataset, scores, log, output_dir, chief, export
         results = {"steps": run.total, "trained_from_step": start, "seconds": round(seconds, 1),
                    "eval": {k: scores[k] for k in ("loss", "accuracy", "top5_accuracy", "examples")},
                    "confusion_matrix": scores["confusion_matrix"], "class_names": list(dataset.class_names)}
-        tmp = os.path.join(output_dir, f"{RESULTS_FILE}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, os.path.join(output_dir, RESULTS_FILE))
+        plan.write_json(os.path.join(output_dir, RESULTS_FILE), results, indent=1)
         summary_path = _draw_summary(output_dir)
     if show:
         print(f"eval top-1 accuracy: {scores['accuracy']:.4f}, top-5: {scores['top5_accuracy']:.4f} "

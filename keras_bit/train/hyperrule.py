@@ -117,10 +117,11 @@ def get_lr(step, dataset_size, base_lr=BASE_LR):
     supports[0]`, then `base_lr / 10**k` where k counts the decay supports
     strictly below `step`.
     """
-    return _lr_at(step, get_schedule(dataset_size), base_lr)
+    return lr_at(step, get_schedule(dataset_size), base_lr)
 
 
-def _lr_at(step, supports, base_lr):
+def lr_at(step, supports, base_lr):
+    """The learning rate at `step` for explicit `supports` (pure Python), or None once training has ended."""
     if step < supports[0]:
         return base_lr * step / supports[0]
     if step >= supports[-1]:

@@ -12,6 +12,7 @@ Reference:
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -318,11 +319,15 @@ def check_resume(output_dir, record, has_backup):
 
 def write_record(output_dir, record):
     """Writes run.json atomically (other workers may read it while the chief writes)."""
-    path = os.path.join(output_dir, RUN_FILE)
+    write_json(os.path.join(output_dir, RUN_FILE), record)
+
+
+def write_json(path, value, indent=2):
+    """Writes `value` as JSON to `path` atomically: a kill leaves the old file or the new one, no temp file."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
+            json.dump(value, f, indent=indent)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -429,8 +434,6 @@ def _default(value, default):
 
 def describe_model(model):
     """A process-independent description of `model` for run.json (no memory addresses)."""
-    import functools
-
     if isinstance(model, str):
         return model
     if isinstance(model, functools.partial):
