@@ -1,81 +1,82 @@
-"""keras_bit: Big Transfer (BiT) for Keras 3 / TensorFlow.
+"""keras_bit: Big Transfer (BiT) for Keras 3, on every Keras backend.
+
+Attributes are imported on first use (PEP 562), so `import keras_bit` imports
+neither TensorFlow nor any module it does not need: the models, weights and
+preprocessing run on TensorFlow, JAX and PyTorch; fine-tuning and SavedModel
+export need TensorFlow and say so when it is missing.
 
 Reference:
     Kolesnikov et al., "Big Transfer (BiT): General Visual Representation
     Learning", https://arxiv.org/abs/1912.11370.
 """
 
+import importlib
 import os as _os
 import sys as _sys
 
 # The `keras-bit` command keeps TensorFlow's C++ log lines off the console (see keras_bit.console);
-# it must act before TensorFlow is imported, which the imports below do. Other programs are left alone.
+# it must act before Keras imports TensorFlow, which registering the layers below does.
 if _sys.argv and _os.path.basename(_sys.argv[0]) == "keras-bit":
     from keras_bit.console import quiet_tensorflow_import
 
     quiet_tensorflow_import()
 
-from keras_bit.cache import DownloadError  # noqa: E402
-from keras_bit.checkpoints import convert, load_weights, save_npz  # noqa: E402
-from keras_bit.configs import MODEL_NAMES  # noqa: E402
-from keras_bit.export import export_saved_model, fold_standardization  # noqa: E402
-from keras_bit.train import data, hyperrule, pipeline  # noqa: E402
-from keras_bit.train.distribute import MultiWorkerStrategy, tpu_strategy  # noqa: E402
-from keras_bit.train.finetune import FinetuneResult, finetune  # noqa: E402
-from keras_bit.imagenet import decode_predictions, preprocess_input  # noqa: E402
-from keras_bit.layers import GroupNormalization, StandardizedConv2D  # noqa: E402
-from keras_bit.resnet_v2 import (  # noqa: E402
-    BiT,
-    BiTM_R50x1,
-    BiTM_R50x3,
-    BiTM_R101x1,
-    BiTM_R101x3,
-    BiTM_R152x2,
-    BiTM_R152x4,
-    BiTS_R50x1,
-    BiTS_R50x3,
-    BiTS_R101x1,
-    BiTS_R101x3,
-    BiTS_R152x2,
-    BiTS_R152x4,
-    ResNetV2,
-    feature_model,
+__version__ = "0.2.0"
+
+_MODEL_CONSTRUCTORS = tuple(
+    f"BiT{family}_R{arch}" for family in "SM" for arch in ("50x1", "50x3", "101x1", "101x3", "152x2", "152x4")
 )
+# public name -> module defining it
+_EXPORTS = {
+    **{name: "keras_bit.models.bit" for name in _MODEL_CONSTRUCTORS},
+    "BiT": "keras_bit.models.bit",
+    "ResNetV2": "keras_bit.models.bit",
+    "convert": "keras_bit.models.bit",
+    "feature_model": "keras_bit.models.bit",
+    "feature_info": "keras_bit.models.bit",
+    "MODEL_NAMES": "keras_bit.presets",
+    "Preset": "keras_bit.presets",
+    "DownloadError": "keras_bit.weights.download",
+    "load_weights": "keras_bit.weights.sources",
+    "save_npz": "keras_bit.weights.npz",
+    "GroupNormalization": "keras_bit.layers",
+    "StandardizedConv2D": "keras_bit.layers",
+    "preprocess_input": "keras_bit.preprocessing",
+    "decode_predictions": "keras_bit.imagenet",
+    "BackendError": "keras_bit.backend",
+    # TensorFlow only
+    "finetune": "keras_bit.train.finetune",
+    "FinetuneResult": "keras_bit.train.finetune",
+    "MultiWorkerStrategy": "keras_bit.train.distribute",
+    "tpu_strategy": "keras_bit.train.distribute",
+    "export_saved_model": "keras_bit.export",
+    "fold_standardization": "keras_bit.export",
+}
+# Modules reachable as attributes (`keras_bit.hyperrule.BiTSchedule`).
+_MODULES = {
+    "data": "keras_bit.train.data",
+    "hyperrule": "keras_bit.train.hyperrule",
+    "pipeline": "keras_bit.train.pipeline",
+    "presets": "keras_bit.presets",  # callable: keras_bit.presets() lists every published checkpoint
+}
 
-__version__ = "0.1.0"
+__all__ = sorted([*_EXPORTS, *_MODULES])
 
-__all__ = [
-    "BiT",
-    "BiTM_R50x1",
-    "BiTM_R50x3",
-    "BiTM_R101x1",
-    "BiTM_R101x3",
-    "BiTM_R152x2",
-    "BiTM_R152x4",
-    "BiTS_R50x1",
-    "BiTS_R50x3",
-    "BiTS_R101x1",
-    "BiTS_R101x3",
-    "BiTS_R152x2",
-    "BiTS_R152x4",
-    "DownloadError",
-    "FinetuneResult",
-    "MultiWorkerStrategy",
-    "GroupNormalization",
-    "MODEL_NAMES",
-    "ResNetV2",
-    "StandardizedConv2D",
-    "convert",
-    "data",
-    "decode_predictions",
-    "export_saved_model",
-    "feature_model",
-    "finetune",
-    "fold_standardization",
-    "hyperrule",
-    "pipeline",
-    "load_weights",
-    "preprocess_input",
-    "save_npz",
-    "tpu_strategy",
-]
+
+def __getattr__(name):
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        raise AttributeError(f"module 'keras_bit' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])
+
+
+# `.keras` files name the layers as "keras_bit>StandardizedConv2D": registering them needs only Keras.
+importlib.import_module("keras_bit.layers")

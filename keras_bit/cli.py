@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from keras_bit import configs
+from keras_bit import presets
 from keras_bit.train import hyperrule
 
 
@@ -134,7 +134,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="build a BiT model and classify a generated image")
-    p.add_argument("--model", default="BiT-S-R50x1", choices=configs.MODEL_NAMES)
+    p.add_argument("--model", default="BiT-S-R50x1", choices=presets.MODEL_NAMES)
     p.add_argument("--weights", default="default", type=_weights_arg,
                    help='"default" (the family checkpoint; random if it cannot be fetched), "none", a name or a path')
     p.add_argument("--top", type=int, default=5)
@@ -147,8 +147,8 @@ def build_parser():
 
 def _add_finetune_parser(sub):
     p = sub.add_parser("finetune", help="fine-tune with BiT-HyperRule (model.fit on tf.data under tf.distribute)")
-    p.add_argument("--model", default="BiT-M-R50x1", choices=configs.MODEL_NAMES, metavar="MODEL",
-                   help=f"one of {', '.join(configs.MODEL_NAMES)}")
+    p.add_argument("--model", default="BiT-M-R50x1", choices=presets.MODEL_NAMES, metavar="MODEL",
+                   help=f"one of {', '.join(presets.MODEL_NAMES)}")
     p.add_argument("--data", default="sklearn:digits",
                    help='tfds name, image folder, or "sklearn:digits" (bundled with scikit-learn, offline)')
     p.add_argument("--weights", default=None, type=_weights_arg,
@@ -211,7 +211,7 @@ def _add_other_parsers(sub):
     p = sub.add_parser("convert", help="convert an official .npz checkpoint to a Keras .weights.h5")
     p.add_argument("input", help="official-layout .npz checkpoint")
     p.add_argument("output", help="destination .weights.h5")
-    p.add_argument("--model", required=True, choices=configs.MODEL_NAMES, help="architecture of the checkpoint")
+    p.add_argument("--model", required=True, choices=presets.MODEL_NAMES, help="architecture of the checkpoint")
 
 
 def _finetune(args):
@@ -269,7 +269,7 @@ def _predict(args):
 
 
 def _convert(args):
-    from keras_bit.checkpoints import convert
+    from keras_bit.models.bit import convert
 
     convert(args.input, args.output, args.model)
     print(f"Wrote {args.output}")

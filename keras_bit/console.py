@@ -11,6 +11,8 @@ TensorFlow logs later and imports TensorFlow with file descriptor 2 pointed at
 
 import contextlib
 import importlib
+import importlib.util
+import json
 import os
 import sys
 
@@ -41,11 +43,28 @@ def native_stderr_silenced():
         os.close(devnull)
 
 
+def _keras_backend():
+    """The backend Keras will pick ($KERAS_BACKEND, else keras.json, else "tensorflow"), without importing Keras."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
 def quiet_tensorflow_import():
-    """Imports TensorFlow with its start-up C++ log lines silenced, unless the user asked for them."""
+    """Imports TensorFlow with its start-up C++ log lines silenced, unless the user asked for them.
+
+    Only when Keras will run on TensorFlow and it is installed: other backends never import it.
+    """
     global _QUIET
     _QUIET = True
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if _keras_backend() != "tensorflow" or importlib.util.find_spec("tensorflow") is None:
+        return
     if "tensorflow" not in sys.modules:
         with native_stderr_silenced():
             importlib.import_module("tensorflow")

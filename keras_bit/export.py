@@ -19,11 +19,15 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_bit import cache, configs, imagenet
+from keras_bit import imagenet, presets
+from keras_bit.preprocessing import preprocess_input
+from keras_bit.weights.download import DownloadError
 from keras_bit.layers import StandardizedConv2D, standardize_kernel
 from keras_bit.validation import check_positive_int
+from keras_bit.backend import tensorflow as _tensorflow
+
+tf = _tensorflow("SavedModel export")
 
 logger = logging.getLogger("keras_bit")
 
@@ -95,12 +99,12 @@ def _outputs_probabilities(model):
 def imagenet_class_names(classes, cache_dir=None):
     """Human-readable ImageNet names for 1000 or 21843 classes from the cached label files, else None."""
     try:
-        if classes == configs.IMAGENET21K_CLASSES:
+        if classes == presets.IMAGENET21K_CLASSES:
             return imagenet.imagenet21k_labels(cache_dir)[1]
-        if classes == configs.IMAGENET_CLASSES:
+        if classes == presets.IMAGENET_CLASSES:
             decoded = imagenet.decode_predictions(np.eye(classes, dtype="float32"), top=1)
             return [row[0][1] for row in decoded]
-    except (cache.DownloadError, ValueError) as e:
+    except (DownloadError, ValueError) as e:
         logger.warning("Exporting without top_k_labels: ImageNet class names unavailable (%s).", e)
     return None
 
@@ -172,7 +176,7 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         return tf.cast(served(x, training=False), tf.float32)
 
     def head(pixels):
-        x = imagenet.preprocess_input(pixels)
+        x = preprocess_input(pixels)
         # An empty batch skips the network: TF's oneDNN convolutions mis-shape empty inputs.
         scores = tf.cond(tf.shape(x)[0] > 0, lambda: run_model(x), lambda: tf.zeros([0, classes], tf.float32))
         probabilities = tf.nn.softmax(scores) if softmax else scores

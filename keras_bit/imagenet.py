@@ -1,58 +1,27 @@
-"""Input preprocessing and ImageNet (1k and 21k) prediction decoding for BiT."""
+"""ImageNet (1k and 21k) class names and prediction decoding for BiT."""
 
-import numpy as np
 import keras
-from keras import ops
+import numpy as np
 
-from keras_bit import cache, configs
+from keras_bit import presets
+from keras_bit.weights import download
 from keras_bit.validation import check_positive_int
 
 LABELS_SUBDIR = "bit_models"
 IMAGENET21K_FILES = ("imagenet21k_wordnet_ids.txt", "imagenet21k_wordnet_lemmas.txt")
 
 
-def preprocess_input(x, data_format=None):
-    """Maps images with pixels in [0, 255] to [-1, 1] (`x / 127.5 - 1`), as BiT does.
-
-    Unlike `keras.applications.resnet_v2.preprocess_input`, the input is never
-    modified in place, and integer (e.g. uint8) NumPy arrays and tensors are
-    accepted.
-
-    Args:
-        x: NumPy array, tensor or Keras tensor of RGB images, any shape.
-        data_format: accepted for keras.applications compatibility; the
-            mapping is per pixel, so the layout does not matter.
-
-    Returns:
-        A float array/tensor (`keras.config.floatx()` for integer input, else
-        the input's float dtype) of the same shape.
-
-    Example:
-        >>> preprocess_input(np.array([0, 127.5, 255], "float32"))
-        array([-1.,  0.,  1.], dtype=float32)
-    """
-    del data_format
-    if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
-        x = np.asarray(x)
-        if not np.issubdtype(x.dtype, np.floating):
-            x = x.astype(keras.config.floatx())
-        return x / x.dtype.type(127.5) - x.dtype.type(1.0)
-    if "float" not in keras.backend.standardize_dtype(x.dtype):
-        x = ops.cast(x, keras.config.floatx())
-    return x / 127.5 - 1.0
-
-
 def imagenet21k_labels(cache_dir=None):
     """`(wordnet_ids, lemmas)` of BiT's 21843 ImageNet-21k classes, downloaded once into the cache."""
     ids_file, lemmas_file = IMAGENET21K_FILES
-    paths = [cache.fetch(configs.base_url() + f, f, LABELS_SUBDIR, cache_dir) for f in (ids_file, lemmas_file)]
+    paths = [download.fetch(presets.base_url() + f, f, LABELS_SUBDIR, cache_dir) for f in (ids_file, lemmas_file)]
     with open(paths[0], encoding="utf-8") as f:
         ids = [line.strip() for line in f if line.strip()]
     with open(paths[1], encoding="utf-8") as f:
         lemmas = [line.strip() for line in f if line.strip()]
-    if len(ids) != configs.IMAGENET21K_CLASSES or len(lemmas) != configs.IMAGENET21K_CLASSES:
+    if len(ids) != presets.IMAGENET21K_CLASSES or len(lemmas) != presets.IMAGENET21K_CLASSES:
         raise ValueError(
-            f"Expected {configs.IMAGENET21K_CLASSES} lines in {paths[0]} and {paths[1]}, found "
+            f"Expected {presets.IMAGENET21K_CLASSES} lines in {paths[0]} and {paths[1]}, found "
             f"{len(ids)} and {len(lemmas)}: delete them to download them again."
         )
     return ids, lemmas
@@ -83,18 +52,18 @@ def decode_predictions(preds, top=5, cache_dir=None):
         [('n02123045', 'tabby', 0.83), ...]
     """
     preds = np.asarray(preds)
-    if preds.ndim != 2 or preds.shape[1] not in (configs.IMAGENET_CLASSES, configs.IMAGENET21K_CLASSES):
+    if preds.ndim != 2 or preds.shape[1] not in (presets.IMAGENET_CLASSES, presets.IMAGENET21K_CLASSES):
         raise ValueError(
             "`decode_predictions` expects a batch of predictions of shape (samples, 1000) or "
-            f"(samples, {configs.IMAGENET21K_CLASSES}). Received array of shape: {preds.shape}"
+            f"(samples, {presets.IMAGENET21K_CLASSES}). Received array of shape: {preds.shape}"
         )
     check_positive_int(top, "top")
-    if preds.shape[1] == configs.IMAGENET_CLASSES:
-        target = cache.cached_path("imagenet_class_index.json", "models")
+    if preds.shape[1] == presets.IMAGENET_CLASSES:
+        target = download.cached_path("imagenet_class_index.json", "models")
         try:
             return keras.applications.imagenet_utils.decode_predictions(preds, top=top)
         except Exception as e:  # Keras' get_file raises bare Exception when offline
-            raise cache.DownloadError(
+            raise download.DownloadError(
                 f"Keras could not fetch its ImageNet class index ({e}). Without network access, "
                 f"place imagenet_class_index.json at {target}."
             ) from e

@@ -60,7 +60,7 @@ def predict_files(paths, model, top=5):
     else:
         from keras_bit.train.pipeline import decode
         from keras_bit.export import fold_standardization, imagenet_class_names
-        from keras_bit.imagenet import preprocess_input
+        from keras_bit.preprocessing import preprocess_input
 
         net = fold_standardization(load_model(model))  # weight standardization precomputed once
         height, width = net.input_shape[1:3]

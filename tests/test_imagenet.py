@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras.src.applications import imagenet_utils  # the decoder keras_bit reuses
 
 import keras_bit
-from keras_bit import configs
+from keras_bit import presets as configs
 from keras_bit.imagenet import IMAGENET21K_FILES
 
 

@@ -14,10 +14,12 @@ import logging
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from keras_bit.console import native_stderr_silenced
 from keras_bit.validation import check_positive_int
+from keras_bit.backend import tensorflow as _tensorflow
+
+tf = _tensorflow("Fine-tuning")
 
 logger = logging.getLogger("keras_bit")
 

@@ -12,8 +12,10 @@ here and nowhere else:
 
 import json
 import os
+from keras_bit.backend import tensorflow as _tensorflow
 
-import tensorflow as tf
+tf = _tensorflow("Fine-tuning")
+
 
 
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):

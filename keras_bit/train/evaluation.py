@@ -1,9 +1,11 @@
 """The final evaluation of a fine-tuning run: loss, top-1, top-5 and the confusion matrix, from one prediction pass."""
 
 import numpy as np
-import tensorflow as tf
 
 from keras_bit.train import distribute, pipeline
+from keras_bit.backend import tensorflow as _tensorflow
+
+tf = _tensorflow("Fine-tuning")
 
 
 def evaluate(model, split, num_classes, batch_size, crop, strategy=None):

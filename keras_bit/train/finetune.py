@@ -21,12 +21,14 @@ import os
 import time
 
 import keras
-import tensorflow as tf
 
 from keras_bit.train import backup, distribute, evaluation, hyperrule, pipeline, plan
 from keras_bit.train import data as data_lib
 from keras_bit.train.logs import RunLog
 from keras_bit.train.run_record import CLASS_NAMES_FILE, RESULTS_FILE
+from keras_bit.backend import tensorflow as _tensorflow
+
+tf = _tensorflow("Fine-tuning")
 
 logger = logging.getLogger("keras_bit")
 
@@ -273,7 +275,7 @@ def _build_model(model, weights, run, num_classes, jit_compile):
     """Step 3: the network with logits, its frozen stages and the BiT-HyperRule optimizer."""
     shape = (run.crop, run.crop, 3)
     if isinstance(model, str):
-        from keras_bit.resnet_v2 import BiT
+        from keras_bit.models.bit import BiT
 
         net = BiT(model, weights=weights, input_shape=shape, classes=num_classes, classifier_activation=None)
     else:

@@ -21,9 +21,11 @@ import os
 import time
 
 import keras
-import tensorflow as tf
 
 from keras_bit.train.run_record import METRICS_COLUMNS, METRICS_FILE
+from keras_bit.backend import tensorflow as _tensorflow
+
+tf = _tensorflow("Fine-tuning")
 
 COLUMNS = METRICS_COLUMNS
 _TRAIN = ("loss", "accuracy")

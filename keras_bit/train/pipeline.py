@@ -8,9 +8,11 @@ sees from step s on.
 """
 
 import numpy as np
-import tensorflow as tf
 
-from keras_bit.imagenet import preprocess_input
+from keras_bit.preprocessing import preprocess_input
+from keras_bit.backend import tensorflow as _tensorflow
+
+tf = _tensorflow("Fine-tuning")
 
 _AUTOTUNE = tf.data.AUTOTUNE
 

@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 
-from keras_bit import configs
+from keras_bit import presets
 from keras_bit.train import hyperrule
 from keras_bit.validation import check_positive_int
 
@@ -210,17 +210,18 @@ def resolve_resolution(resolution, image_size):
 def check_model(model, weights):
     """`model` is a BiT name or a builder; `weights` valid for it (names and files checked, nothing downloaded)."""
     if isinstance(model, str):
-        from keras_bit.resnet_v2 import check_weights
+        from keras_bit.models.bit import check_weights
 
         check_weights(model, weights)
     elif weights is not None and isinstance(weights, (str, os.PathLike)) and (
-            os.sep in os.fspath(weights) or os.fspath(weights).endswith((".npz", ".h5"))):
-        from keras_bit.checkpoints import check_weights_path
+            os.sep in os.fspath(weights) or os.fspath(weights).endswith((".npz", ".h5", ".safetensors"))
+            or os.fspath(weights).startswith("hf://")):
+        from keras_bit.weights.sources import resolve
 
-        check_weights_path(weights)
+        resolve(weights)  # a file or Hub handle the builder will load: checked now, nothing downloaded
     elif not callable(model):
         raise ValueError(
-            f"`model` must be a BiT model name ({', '.join(configs.MODEL_NAMES)}) or a builder callable. "
+            f"`model` must be a BiT model name ({', '.join(presets.MODEL_NAMES)}) or a builder callable. "
             f"Received: model={model!r}"
         )
 

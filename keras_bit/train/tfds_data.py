@@ -32,10 +32,12 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from keras_bit.train.data import Dataset, Split
+from keras_bit.backend import tensorflow as _tensorflow
+
+tf = _tensorflow("Fine-tuning on tfds data")
+import tensorflow_datasets as tfds  # noqa: E402  (after the backend check: it imports TensorFlow)
 
 logger = logging.getLogger("keras_bit")
 

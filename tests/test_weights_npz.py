@@ -1,14 +1,16 @@
 import logging
 import os
 
+import keras
 import numpy as np
 import pytest
 
 import keras_bit
 import reference
 from helpers import TINY, TINY_SIZE, images, tiny_checkpoint, tiny_model
-from keras_bit import configs
-from keras_bit.checkpoints import checkpoint_scope
+from keras_bit import presets
+from keras_bit.presets import Preset
+from keras_bit.weights.npz import checkpoint_scope
 
 R50 = (3, 4, 6, 3)
 
@@ -24,17 +26,6 @@ def r50_1k(tmp_path_factory):
     d = reference.random_checkpoint(R50, width=1, classes=1000, seed=7)
     np.savez(path, **d)
     return path, d
-
-
-def test_checkpoint_table_names_every_published_file():
-    assert len(configs.CHECKPOINTS) == 12
-    m = configs.CHECKPOINTS["BiT-M-R152x4"]
-    assert m["imagenet21k"].url == configs.BASE_URL + "BiT-M-R152x4.npz"
-    assert m["imagenet21k"].classes == 21843
-    assert m["imagenet"].url == configs.BASE_URL + "BiT-M-R152x4-ILSVRC2012.npz"
-    assert m["imagenet"].classes == 1000 and m["imagenet"].resolution == 480
-    assert configs.CHECKPOINTS["BiT-S-R101x3"]["imagenet"].url == configs.BASE_URL + "BiT-S-R101x3.npz"
-    assert set(configs.CHECKPOINTS["BiT-S-R50x1"]) == {"imagenet"}
 
 
 @pytest.mark.parametrize(
@@ -109,7 +100,7 @@ def test_new_classes_load_backbone_and_zero_head(tmp_path, rng, caplog):
     np.testing.assert_array_equal(model.get_layer("post_gn").gamma.numpy(), d["resnet/group_norm/gamma"])
     # The backbone is the checkpoint's: features equal the reference's.
     x = images(rng)
-    backbone = keras_bit.feature_model(model, ["post_relu"])
+    backbone = keras.Model(model.input, model.get_layer("post_relu").output)
     assert _relative_error(backbone.predict(x, verbose=0), reference.forward(d, x, groups=8, features=True)) <= 1e-5
 
 
@@ -125,8 +116,8 @@ def test_download_with_file_url_then_cache(tmp_path, rng, monkeypatch):
     mirror.mkdir()
     d = tiny_checkpoint(mirror / "tiny.npz", classes=10)
     monkeypatch.setenv("KERAS_BIT_BASE_URL", mirror.as_uri())
-    table = {"tiny": configs.Checkpoint("tiny.npz", 10, TINY_SIZE)}
-    kwargs = dict(weights="tiny", weights_table=table, cache_dir=tmp_path / "cache", classifier_activation=None)
+    tiny = Preset("tiny", "tiny", "a tiny test checkpoint", 10, TINY_SIZE, bucket_path="tiny.npz")
+    kwargs = dict(weights=tiny, cache_dir=tmp_path / "cache", classifier_activation=None)
     model = keras_bit.ResNetV2(**TINY, **kwargs)
     assert model.input_shape == (None, TINY_SIZE, TINY_SIZE, 3)  # the checkpoint's resolution
     assert (tmp_path / "cache" / "bit_models" / "tiny.npz").is_file()
@@ -224,7 +215,7 @@ def test_truncated_member_is_reported(tmp_path):
 
 def test_weights_path_errors(tmp_path):
     (tmp_path / "weights.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"must be an official-layout .npz or a Keras .weights.h5 file. Received: weights=.*weights.txt"):
+    with pytest.raises(ValueError, match=r"must be the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers .safetensors file. Received: weights=.*weights.txt"):
         tiny_model(weights=str(tmp_path / "weights.txt"))
     with pytest.raises(ValueError, match=r"`weights` file not found. Received: weights=.*nope.npz"):
         tiny_model(weights=str(tmp_path / "nope.npz"))
@@ -244,7 +235,7 @@ def test_keras_weights_file_round_trip_and_new_head(tmp_path, rng):
     )
     headless = tiny_model(weights=str(tmp_path / "t.weights.h5"), include_top=False, pooling="avg")
     assert headless.output_shape == (None, 1024)
-    with pytest.raises(ValueError, match=r"Keras weights file .*t.weights.h5 does not match model"):
+    with pytest.raises(ValueError, match=r"Checkpoint .*t.weights.h5: key 'layers/group_normalization_4/vars/0' has shape \(32,\), model 'bit_resnetv2' expects \(64,\)"):
         keras_bit.ResNetV2((1, 1, 2, 1), base_width=32, groups=8, weights=str(tmp_path / "t.weights.h5"), classes=10)
 
 
@@ -272,17 +263,6 @@ def test_convert_command(r50_1k, tmp_path, rng):
     assert not (tmp_path / "y.weights.h5").exists()
 
 
-def test_distilled_and_vtab_names(tmp_path, rng, monkeypatch):
-    table = configs.CHECKPOINTS["BiT-M-R50x1"]
-    assert table["imagenet-distilled-224"].url == configs.BASE_URL + "distill/R50x1_224.npz"
-    assert table["imagenet-distilled-160"].resolution == 160
-    assert table["imagenet-distilled-160"].filename == "distill-R50x1_160.npz"
-    ckpt = configs.vtab_checkpoint("BiT-M-R50x1", "vtab/caltech101")
-    assert ckpt.url == configs.BASE_URL + "vtab/BiT-M-R50x1-run0-caltech101.npz" and ckpt.classes is None
-    assert configs.vtab_checkpoint("BiT-M-R50x1", "vtab/dtd/run2").path == "vtab/BiT-M-R50x1-run2-dtd.npz"
-    assert configs.vtab_checkpoint("BiT-M-R50x1", "imagenet") is None
-
-
 def test_vtab_weights_download_and_head_size_from_file(tmp_path, monkeypatch):
     """`weights="vtab/<task>"` fetches vtab/<model>-run0-<task>.npz; the head size comes from the file."""
     mirror = tmp_path / "mirror"
@@ -303,5 +283,5 @@ def test_vtab_weights_download_and_head_size_from_file(tmp_path, monkeypatch):
 
 
 def test_unknown_weights_message_mentions_vtab():
-    with pytest.raises(ValueError, match=r"'imagenet-distilled-224', 'imagenet-distilled-160', 'vtab/<task>'"):
+    with pytest.raises(ValueError, match=r"'imagenet-distilled-224', 'imagenet-distilled-160', 'vtab/caltech101'"):
         keras_bit.BiTM_R50x1(weights="imagenet-1k")

@@ -7,7 +7,7 @@ import pytest
 import keras_bit
 import reference
 from helpers import TINY_SIZE, images, tiny_checkpoint, tiny_model
-from keras_bit import configs
+from keras_bit import presets as configs
 
 # (no head, 1000 classes, 21843 classes), from the authors' architecture (issue table).
 PARAMS = {
@@ -57,8 +57,9 @@ def test_twelve_named_constructors():
         params = inspect.signature(fn).parameters
         assert list(params) == [
             "include_top", "weights", "input_tensor", "input_shape", "pooling",
-            "classes", "classifier_activation", "name",
+            "classes", "classifier_activation", "name", "output_stride",
         ]
+        assert params["output_stride"].kind is inspect.Parameter.KEYWORD_ONLY
         default = "imagenet21k" if name.startswith("BiTM") else "imagenet"
         assert params["weights"].default == default
         assert params["classes"].default is None
@@ -93,8 +94,10 @@ def test_feature_model_block_outputs(size, strides):
     features = keras_bit.feature_model(model)
     outs = features.predict(np.zeros((1, size, size, 3), "float32"), verbose=0)
     assert [o.shape for o in outs] == [(1, s, s, c) for s, c in zip(strides, (256, 512, 1024, 2048))]
-    with pytest.raises(ValueError, match=r"no layer named \['nope'\]"):
+    with pytest.raises(ValueError, match=r"`out_indices` must be a non-empty sequence of indices in 0..4"):
         keras_bit.feature_model(model, ["nope"])
+    with pytest.raises(ValueError, match=r"no layer named \['root_block_conv'"):
+        keras_bit.feature_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
 
 
 @pytest.mark.parametrize(
@@ -200,7 +203,6 @@ ERRORS = [
     (dict(weights=3), r"`weights` must be one of .*Received: weights=3"),
     (dict(weights="missing/file.npz"), r"`weights` file not found. Received: weights='missing/file.npz'"),
     (dict(pooling="mean", include_top=False), r"`pooling` must be one of \(None, 'avg', 'max'\). Received: pooling='mean'"),
-    (dict(pooling="avg"), r"`pooling` is only used with include_top=False"),
     (dict(classifier_activation="nope", weights=None), r"`classifier_activation` must be None, a callable or the name of a Keras activation. Received: classifier_activation='nope'"),
     (dict(classifier_activation="relu"), r"Only `None` and `softmax` activations are allowed .*Received: classifier_activation='relu'"),
     (dict(input_shape=(224, 224, 1)), r"Pretrained BiT weights expect 3 input channels \(RGB\). Received: input_shape=\(224, 224, 1\)"),
@@ -226,7 +228,15 @@ def test_errors_are_raised_before_any_download(tmp_path, monkeypatch):
     # Pretrained weights with a bad argument: the error comes first, no fetch is tried.
     monkeypatch.setenv("KERAS_BIT_BASE_URL", "file:///nonexistent/")
     with pytest.raises(ValueError, match="`pooling`"):
-        keras_bit.BiTM_R152x4(pooling="avg")
+        keras_bit.BiTM_R152x4(pooling="mean", include_top=False)
+    with pytest.raises(ValueError, match="`output_stride` must be one of \\(8, 16, 32\\). Received: output_stride=4"):
+        keras_bit.BiTM_R152x4(output_stride=4)
+
+
+def test_pooling_with_head_is_ignored_with_a_warning_as_keras_does():
+    with pytest.warns(UserWarning, match=r"`pooling='avg'` is ignored with include_top=True"):
+        model = tiny_model(pooling="avg", classes=3)
+    assert model.output_shape == (None, 3)
 
 
 def test_unknown_model_and_architecture_errors():

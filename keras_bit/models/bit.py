@@ -1,0 +1,392 @@
+"""BiT models with weights: resolve the weights, build the architecture, load; and multi-scale features.
+
+`ResNetV2` (any depth and width) and `BiT(model_name)` with its twelve named
+constructors (`BiTM_R50x1`, ...) take the `keras.applications` arguments and
+`weights=`: a published name (`keras_bit.presets()`), an `hf://` Hub handle,
+or a local file. Every argument is checked before anything is downloaded or
+built.
+
+Reference:
+    Kolesnikov et al., "Big Transfer (BiT): General Visual Representation
+    Learning", https://arxiv.org/abs/1912.11370.
+"""
+
+import logging
+import os
+
+import keras
+
+from keras_bit import presets
+from keras_bit.layers import GN_GROUPS
+from keras_bit.models import resnet_v2
+from keras_bit.weights import keras_h5, sources
+
+logger = logging.getLogger("keras_bit")
+
+_DEFAULT = object()  # "the default weights of this family"
+
+
+def _check_pretrained_head_activation(classifier_activation):
+    if keras.activations.get(classifier_activation) not in (
+        keras.activations.get("softmax"),
+        keras.activations.get(None),
+    ):
+        raise ValueError(
+            "Only `None` and `softmax` activations are allowed for `classifier_activation` "
+            "when the pretrained head is loaded (include_top=True with the checkpoint's "
+            f"classes). Received: classifier_activation={classifier_activation!r}"
+        )
+
+
+def _plan_head(include_top, classes, source_classes, classifier_activation):
+    """`(head size, whether the file's head is loaded)`; a different class count means a new zero head."""
+    head_classes = classes or source_classes or presets.IMAGENET_CLASSES
+    load_head = include_top and source_classes is not None and head_classes == source_classes
+    if load_head:
+        _check_pretrained_head_activation(classifier_activation)
+    return head_classes, load_head
+
+
+def _check_source_architecture(source, architecture):
+    if source.architecture is not None and tuple(source.architecture) != tuple(architecture):
+        units, width, base, groups = source.architecture
+        raise ValueError(
+            f"{source.spec} holds a BiT with block_units={units}, width_factor={width}, base_width={base}, "
+            f"groups={groups}; the model asks for block_units={architecture[0]}, width_factor={architecture[1]}, "
+            f"base_width={architecture[2]}, groups={architecture[3]}."
+        )
+
+
+def ResNetV2(
+    block_units=(3, 4, 6, 3),
+    width_factor=1,
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=None,
+    classifier_activation="softmax",
+    name="bit_resnetv2",
+    *,
+    base_width=64,
+    groups=GN_GROUPS,
+    output_stride=32,
+    default_size=presets.UPSTREAM_RESOLUTION,
+    cache_dir=None,
+    model_name=None,
+):
+    """Builds a BiT ResNetV2 of any depth, width and output stride, with weights.
+
+    The named constructors (`BiTM_R50x1`, ...) call this with a row of
+    `presets.ARCHITECTURES`; call it directly for custom (e.g. tiny) networks.
+    All arguments are validated before anything is built or downloaded.
+
+    Args:
+        block_units: 4 ints, units per block: (3, 4, 6, 3) is R50.
+        width_factor: int, the "x1"/"x3" multiplier of every width.
+        include_top: bool, whether to add the GN-ReLU-pool-Dense head.
+        weights: None (random init), a published name for `model_name`
+            (see `keras_bit.presets()`), an `hf://<owner>/<repo>[@revision]`
+            Hub handle (timm or transformers BiT), or the path to an
+            official-layout `.npz`, a Keras `.weights.h5` or a timm /
+            transformers `.safetensors` file.
+        input_tensor: optional Keras tensor to use as the input.
+        input_shape: optional `(height, width, channels)`; height/width may
+            be None (any size >= 32). Defaults to the checkpoint's resolution
+            (square) with the head, and `(None, None, 3)` without.
+        pooling: with `include_top=False`, None (4D feature map), "avg" or
+            "max"; ignored with a warning when `include_top=True`.
+        classes: int, head size. None means the checkpoint's class count
+            (1000 without weights). A count different from the checkpoint's
+            loads the backbone and builds a new zero-initialised head (the BiT
+            fine-tuning recipe).
+        classifier_activation: activation of the head (str, callable or None).
+        name: model name.
+        base_width: int, root width before `width_factor` (64 in BiT).
+        groups: int, GroupNorm groups (32 in BiT).
+        output_stride: 32 (classification), 16 or 8: the later blocks trade
+            stride for dilation (dense prediction); same weights.
+        default_size: int, input size when the head is used and neither
+            `input_shape` nor the checkpoint gives one.
+        cache_dir: where bucket downloads are cached (default: `$KERAS_HOME`
+            or `~/.keras`); Hub files use the Hugging Face cache.
+        model_name: the BiT name whose published weights names apply.
+
+    Returns:
+        A `keras.Model`.
+
+    Reference:
+        BiT, https://arxiv.org/abs/1912.11370.
+
+    Example:
+        >>> tiny = ResNetV2((1, 1, 1, 1), base_width=32, groups=8, input_shape=(64, 64, 3), classes=10)
+        >>> tiny.output_shape
+        (None, 10)
+    """
+    architecture = (tuple(block_units) if isinstance(block_units, (tuple, list)) else block_units,
+                    width_factor, base_width, groups)
+    resnet_v2.check_architecture(*architecture, output_stride=output_stride)
+    pooling = resnet_v2.check_head(include_top, pooling, classes, classifier_activation)
+    source = sources.resolve(weights, model_name)  # names, handles and files checked; nothing downloaded
+    channels = 3 if source is not None else None
+    resnet_v2.check_input_shape(input_shape, include_top, default_size, channels)
+    if source is not None and source.hub is None and (source.classes is not None or source.preset is None):
+        _plan_head(include_top, classes, source.classes, classifier_activation)  # before any download
+    if source is not None:
+        source = sources.fetch(source, cache_dir)  # before building: fail fast when offline
+        _check_source_architecture(source, architecture)
+    head_classes, load_head = _plan_head(include_top, classes, source and source.classes, classifier_activation)
+    model = resnet_v2.build_resnet_v2(
+        *architecture[:2], include_top=include_top, input_tensor=input_tensor,
+        input_shape=resnet_v2.check_input_shape(input_shape, include_top, (source and source.resolution) or default_size,
+                                                channels),
+        pooling=pooling, classes=head_classes, classifier_activation=classifier_activation, name=name,
+        base_width=base_width, groups=groups, output_stride=output_stride,
+    )
+    if source is not None:
+        sources.load_weights(model, source.path, load_head=load_head, fmt=source.format)
+        if include_top and not load_head:
+            logger.warning(
+                "Loaded the backbone of %s; the head is new and zero-initialised with %d classes "
+                "(the checkpoint has %s).", source.spec, head_classes, source.classes or "no head",
+            )
+    return model
+
+
+def check_weights(model_name, weights):
+    """Raises `ValueError` unless `weights` is valid for the named model; downloads nothing.
+
+    Example:
+        >>> check_weights("BiT-M-R50x1", "imagenet21k")
+    """
+    presets.split_model_name(model_name)
+    sources.resolve(weights, model_name)
+
+
+def BiT(
+    model_name,
+    include_top=True,
+    weights=_DEFAULT,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=None,
+    classifier_activation="softmax",
+    name=None,
+    *,
+    output_stride=32,
+    cache_dir=None,
+):
+    """Builds a named BiT model, e.g. `BiT("BiT-M-R50x1", weights="imagenet21k")`.
+
+    Takes the arguments of the named constructors (see `BiTM_R50x1`) after
+    `model_name`, one of `presets.MODEL_NAMES`; `weights` defaults to the
+    family's upstream checkpoint ("imagenet" for BiT-S, "imagenet21k" for BiT-M).
+    """
+    family, arch_name = presets.split_model_name(model_name)
+    arch = presets.ARCHITECTURES[arch_name]
+    if weights is _DEFAULT:
+        weights = presets.FAMILIES[family]
+    return ResNetV2(
+        arch.block_units,
+        arch.width_factor,
+        include_top=include_top,
+        weights=weights,
+        input_tensor=input_tensor,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        name=name or model_name.lower().replace("-", "_"),
+        output_stride=output_stride,
+        cache_dir=cache_dir,
+        model_name=model_name,
+    )
+
+
+def convert(weights, output_path, model_name):
+    """Converts any loadable weights (a published name, `hf://` handle or file) to a Keras `.weights.h5`.
+
+    Args:
+        weights: what `BiT(model_name, weights=...)` accepts, e.g.
+            "BiT-M-R50x1.npz" or "hf://timm/resnetv2_50x1_bit.goog_in21k".
+        output_path: destination, ending in `.weights.h5`.
+        model_name: the architecture, e.g. "BiT-M-R50x1".
+
+    Returns:
+        The built `keras.Model` holding the converted weights.
+
+    Example:
+        >>> convert("BiT-M-R50x1.npz", "bit_m_r50x1.weights.h5", "BiT-M-R50x1")
+    """
+    output_path = os.fspath(output_path)
+    if not output_path.endswith(keras_h5.SUFFIX):
+        raise ValueError(f"`output_path` must end with {keras_h5.SUFFIX!r}. Received: {output_path!r}")
+    presets.split_model_name(model_name)
+    source = sources.resolve(weights, model_name)
+    if source is None:
+        raise ValueError("`weights` must name the weights to convert. Received: weights=None")
+    include_top = source.hub is not None or source.preset is not None or source.classes is not None
+    model = BiT(model_name, include_top=include_top, weights=weights, input_shape=(None, None, 3))
+    model.save_weights(output_path)
+    logger.info("Wrote %s (%s, %s classes).", output_path, model_name,
+                model.output_shape[-1] if include_top else "no head")
+    return model
+
+
+def feature_info(model):
+    """`[{"index", "name", "channels", "stride"}, ...]` for index 0 (stem) to 4 (block 4) of a keras_bit model.
+
+    Index 0 is the stem convolution (stride 2, as timm's `features_only`);
+    1-4 are the block outputs, the raw residual sums (pre-activation networks
+    normalise at the start of the next unit), at strides 4, 8, 16, 32 unless
+    the model was built with a smaller `output_stride`.
+    """
+    names = ["root_block_conv"] + [f"block{b}_out" for b in range(1, 5)]
+    missing = [n for n in names if n not in {layer.name for layer in model.layers}]
+    if missing:
+        raise ValueError(f"`model` has no layer named {missing}; expected a keras_bit model. "
+                         f"Received: model={model.name!r}")
+    info, stride = [], resnet_v2.STEM_STRIDE // 2
+    for index, layer_name in enumerate(names):
+        if index:
+            stride *= (2 if index == 1 else 1) * model.get_layer(f"block{index}_unit01_b_conv").strides[0]
+        info.append({"index": index, "name": layer_name, "stride": stride,
+                     "channels": int(model.get_layer(layer_name).output.shape[-1])})
+    return info
+
+
+def feature_model(model, out_indices=(1, 2, 3, 4)):
+    """Returns a model emitting multi-scale features (like timm's `features_only`, HF's `BitBackbone`).
+
+    Args:
+        model: a keras_bit model (any `include_top`, any `output_stride`).
+        out_indices: which features, in order: 0 the stem convolution
+            (stride 2), 1-4 the outputs of blocks 1-4 (strides 4, 8, 16, 32
+            at output stride 32).
+
+    Returns:
+        A `keras.Model` sharing `model`'s weights, one output per index; its
+        `feature_info` attribute lists each output's index, layer name,
+        channels and stride.
+
+    Example:
+        >>> feats = feature_model(keras_bit.BiTM_R50x1(weights=None, include_top=False), out_indices=(0, 4))
+        >>> [(f["channels"], f["stride"]) for f in feats.feature_info]
+        [(64, 2), (2048, 32)]
+    """
+    info = feature_info(model)
+    if (not isinstance(out_indices, (tuple, list)) or not out_indices
+            or any(isinstance(i, bool) or i not in range(len(info)) for i in out_indices)):
+        raise ValueError(f"`out_indices` must be a non-empty sequence of indices in 0..{len(info) - 1} "
+                         f"(0: stem, 1-4: blocks). Received: out_indices={out_indices!r}")
+    chosen = [info[i] for i in out_indices]
+    features = keras.Model(model.input, [model.get_layer(f["name"]).output for f in chosen],
+                           name=f"{model.name}_features")
+    features.feature_info = chosen
+    return features
+
+
+BASE_DOCSTRING = """Instantiates the {model_name} architecture ({upstream}).
+
+    ResNetV2 ({depth} layers, width x{width}) with GroupNorm and weight-
+    standardized convolutions, as in Big Transfer.
+
+    Reference:
+        Kolesnikov et al., "Big Transfer (BiT): General Visual Representation
+        Learning", https://arxiv.org/abs/1912.11370.
+
+    Inputs are RGB images preprocessed with `keras_bit.preprocess_input`
+    (pixels in [0, 255] -> [-1, 1]).
+
+    Args:
+        include_top: whether to include the GN-ReLU-avg-pool-Dense head.
+        weights: None (random initialisation), {weights_names}{vtab}, an
+            `hf://<owner>/<repo>[@revision]` Hub handle (timm or transformers
+            BiT safetensors), or the path to an official-layout `.npz`, a
+            Keras `.weights.h5` or a timm / transformers `.safetensors` file.
+            `keras_bit.presets()` lists every published name. Defaults to
+            "{default}".
+        input_tensor: optional Keras tensor (output of `keras.Input()`).
+        input_shape: optional `(height, width, 3)`; height and width may be
+            None, else >= 32. Defaults to the checkpoint's resolution with the
+            head and `(None, None, 3)` without.
+        pooling: with `include_top=False`: None (4D block-4 features), "avg"
+            or "max" (2D features).
+        classes: head size. None means the checkpoint's class count (1000
+            without weights). Any other count loads the backbone and builds a
+            zero-initialised head, as BiT fine-tuning does.
+        classifier_activation: head activation (str or callable, or None for
+            logits). Only None or "softmax" with the pretrained head.
+        name: model name.
+        output_stride: 32, 16 or 8 (keyword only): dilate the later blocks
+            instead of striding them, for dense prediction.
+
+    Returns:
+        A Functional `keras.Model`.
+
+    Example:
+        >>> model = keras_bit.{function}(weights=None, classes=10)
+        >>> model.output_shape
+        (None, 10)
+"""
+
+
+def _named_constructor(model_name):
+    family, arch_name = presets.split_model_name(model_name)
+    default = presets.FAMILIES[family]
+
+    def constructor(
+        include_top=True,
+        weights=default,
+        input_tensor=None,
+        input_shape=None,
+        pooling=None,
+        classes=None,
+        classifier_activation="softmax",
+        name=None,
+        *,
+        output_stride=32,
+    ):
+        return BiT(
+            model_name,
+            include_top=include_top,
+            weights=weights,
+            input_tensor=input_tensor,
+            input_shape=input_shape,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+            name=name,
+            output_stride=output_stride,
+        )
+
+    arch = presets.ARCHITECTURES[arch_name]
+    constructor.__name__ = constructor.__qualname__ = model_name.replace("-", "", 1).replace("-", "_")
+    constructor.__doc__ = BASE_DOCSTRING.format(
+        model_name=model_name,
+        upstream="ImageNet-21k" if family == "BiT-M" else "ILSVRC-2012",
+        depth=arch_name[1:].split("x")[0],
+        width=arch.width_factor,
+        weights_names=", ".join(f'"{w}"' for w in presets.weights_names(model_name) if not w.startswith("vtab/")),
+        default=default,
+        vtab=', a VTAB-1k release "vtab/<task>" or "vtab/<task>/run<k>"' if model_name in presets.VTAB_MODELS else "",
+        function=constructor.__name__,
+    )
+    constructor.__module__ = __name__
+    return constructor
+
+
+BiTS_R50x1 = _named_constructor("BiT-S-R50x1")
+BiTS_R50x3 = _named_constructor("BiT-S-R50x3")
+BiTS_R101x1 = _named_constructor("BiT-S-R101x1")
+BiTS_R101x3 = _named_constructor("BiT-S-R101x3")
+BiTS_R152x2 = _named_constructor("BiT-S-R152x2")
+BiTS_R152x4 = _named_constructor("BiT-S-R152x4")
+BiTM_R50x1 = _named_constructor("BiT-M-R50x1")
+BiTM_R50x3 = _named_constructor("BiT-M-R50x3")
+BiTM_R101x1 = _named_constructor("BiT-M-R101x1")
+BiTM_R101x3 = _named_constructor("BiT-M-R101x3")
+BiTM_R152x2 = _named_constructor("BiT-M-R152x2")
+BiTM_R152x4 = _named_constructor("BiT-M-R152x4")

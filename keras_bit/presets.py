@@ -1,0 +1,215 @@
+"""BiT architectures and every published checkpoint, as data.
+
+Everything that distinguishes one named BiT model or one published set of
+weights from another lives here: the builders have no per-model code and the
+loaders no per-checkpoint code. `presets()` lists the registry.
+
+Sources: the BiT authors' README (github.com/google-research/big_transfer)
+for the bucket files, timm's pretrained configs for the Hub copies.
+"""
+
+import dataclasses
+import os
+import sys
+import types
+
+BASE_URL = "https://storage.googleapis.com/bit_models/"
+# Set to a mirror (`https://...`, `file:///...`) holding the same file names to download from there.
+BASE_URL_ENV = "KERAS_BIT_BASE_URL"
+
+IMAGENET21K_CLASSES = 21843
+IMAGENET_CLASSES = 1000
+UPSTREAM_RESOLUTION = 224
+# BiT-HyperRule trains ILSVRC-2012 (images larger than 96x96) at 480 px.
+FINETUNED_RESOLUTION = 480
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A BiT ResNetV2: units per block and width multiplier."""
+
+    block_units: tuple
+    width_factor: int
+
+
+ARCHITECTURES = {
+    "R50x1": Architecture((3, 4, 6, 3), 1),
+    "R50x3": Architecture((3, 4, 6, 3), 3),
+    "R101x1": Architecture((3, 4, 23, 3), 1),
+    "R101x3": Architecture((3, 4, 23, 3), 3),
+    "R152x2": Architecture((3, 8, 36, 3), 2),
+    "R152x4": Architecture((3, 8, 36, 3), 4),
+}
+DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+# Upstream data set of each family and the `weights=` name its constructors default to.
+FAMILIES = {"BiT-S": "imagenet", "BiT-M": "imagenet21k"}
+MODEL_NAMES = tuple(f"{family}-{arch}" for family in FAMILIES for arch in ARCHITECTURES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One published checkpoint: what it is, how to feed it, and where it is published.
+
+    Attributes:
+        model: the architecture it loads into, e.g. "BiT-M-R50x1".
+        weights: its `weights=` name for that model, e.g. "imagenet21k".
+        description: what the weights were trained on.
+        classes: head size, or None when only the file says (VTAB releases).
+        resolution: the square input size it was trained / evaluated at, or
+            None where not published.
+        bucket_path: file in the authors' bucket (relative to `BASE_URL`).
+        hub: Hugging Face Hub repositories publishing the same weights.
+        interpolation: resize method of its evaluation preprocessing.
+        crop_pct: fraction of the resized image kept by the centre crop of
+            its evaluation preprocessing; 1.0 is BiT's rule (resize the whole
+            image to `resolution`, no crop).
+        size: file size in bytes, where established; checked on download.
+        sha256: file digest, where established; checked on download.
+    """
+
+    model: str
+    weights: str
+    description: str
+    classes: int = None
+    resolution: int = UPSTREAM_RESOLUTION
+    bucket_path: str = None
+    hub: tuple = ()
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    size: int = None
+    sha256: str = None
+
+    @property
+    def url(self):
+        return base_url() + self.bucket_path
+
+    @property
+    def filename(self):
+        """Name of the file in the cache."""
+        return self.bucket_path.replace("/", "-")
+
+    @property
+    def architecture(self):
+        return ARCHITECTURES[self.model.rsplit("-", 1)[1]]
+
+
+def base_url():
+    """The BiT bucket, or the mirror named by `$KERAS_BIT_BASE_URL`, ending with `/`."""
+    url = os.environ.get(BASE_URL_ENV) or BASE_URL
+    return url if url.endswith("/") else url + "/"
+
+
+def _timm(arch, tag):
+    depth, width = arch[1:].split("x")
+    return f"timm/resnetv2_{depth}x{width}_bit.{tag}"
+
+
+# The 19 VTAB-1k tasks, spelled as in the authors' release (vtab/<model>-run<k>-<task>.npz), README order.
+VTAB_TASKS = (
+    "caltech101", "diabetic_retinopathy", "dtd", "oxford_flowers102", "oxford_iiit_pet", "resisc45", "sun397",
+    "cifar100", "eurosat", "patch_camelyon", "smallnorb-elevation", "svhn", "dsprites-orientation",
+    "smallnorb-azimuth", "clevr-distance", "clevr-count", "dmlab", "kitti-distance", "dsprites-xpos",
+)
+# The models with VTAB-1k releases (BiT-M only, no R152x2), three runs each.
+VTAB_MODELS = ("BiT-M-R50x1", "BiT-M-R101x1", "BiT-M-R50x3", "BiT-M-R101x3", "BiT-M-R152x4")
+VTAB_RUNS = (0, 1, 2)
+
+
+def _build_registry():
+    table = []
+    for arch in ARCHITECTURES:
+        table.append(Preset(f"BiT-S-{arch}", "imagenet", "ILSVRC-2012 (BiT-S upstream)", IMAGENET_CLASSES,
+                            bucket_path=f"BiT-S-{arch}.npz"))
+        # timm evaluates its copies of the upstream models with a 0.875 centre crop.
+        table.append(Preset(f"BiT-M-{arch}", "imagenet21k", "ImageNet-21k (BiT-M upstream)", IMAGENET21K_CLASSES,
+                            bucket_path=f"BiT-M-{arch}.npz", hub=(_timm(arch, "goog_in21k"),), crop_pct=0.875))
+        # The authors fine-tuned at 480 px (BiT-HyperRule); timm evaluates these at 448 (R152x4: 480).
+        hub = (_timm(arch, "goog_in21k_ft_in1k"),) + (("google/bit-50",) if arch == "R50x1" else ())
+        table.append(Preset(f"BiT-M-{arch}", "imagenet", "ImageNet-21k, fine-tuned on ILSVRC-2012",
+                            IMAGENET_CLASSES, FINETUNED_RESOLUTION, bucket_path=f"BiT-M-{arch}-ILSVRC2012.npz",
+                            hub=hub))
+    # R50x1 students distilled on ILSVRC-2012 from the BiT-M-R152x2 teacher (Beyer et al., arXiv 2106.05237),
+    # and the teachers; timm's copies are evaluated with bicubic resizing.
+    for size in (224, 160):
+        hub = (_timm("R50x1", "goog_distilled_in1k"),) if size == 224 else ()
+        table.append(Preset("BiT-M-R50x1", f"imagenet-distilled-{size}", f"distilled from BiT-M-R152x2 at {size} px",
+                            IMAGENET_CLASSES, size, bucket_path=f"distill/R50x1_{size}.npz", hub=hub,
+                            interpolation="bicubic", crop_pct=0.875))
+    for size, tag, crop_pct in ((224, "goog_teacher_in21k_ft_in1k", 0.875),
+                                (384, "goog_teacher_in21k_ft_in1k_384", 1.0)):
+        table.append(Preset("BiT-M-R152x2", f"imagenet-teacher-{size}", f"distillation teacher at {size} px",
+                            IMAGENET_CLASSES, size, bucket_path=f"distill/R152x2_T_{size}.npz",
+                            hub=(_timm("R152x2", tag),), interpolation="bicubic", crop_pct=crop_pct))
+    for model in VTAB_MODELS:
+        for run in VTAB_RUNS:
+            for task in VTAB_TASKS:
+                table.append(Preset(model, f"vtab/{task}/run{run}", f"VTAB-1k {task}, run {run}", resolution=None,
+                                    bucket_path=f"vtab/{model}-run{run}-{task}.npz"))
+    return {(p.model, p.weights): p for p in table}
+
+
+# (model name, weights name) -> Preset
+PRESETS = _build_registry()
+
+
+def list_presets(model=None):
+    """Every published checkpoint, optionally only those of one model (also `keras_bit.presets(model)`).
+
+    Args:
+        model: None, or a name from `MODEL_NAMES`.
+
+    Returns:
+        A list of `Preset`.
+
+    Example:
+        >>> [p.weights for p in keras_bit.presets("BiT-S-R50x1")]
+        ['imagenet']
+    """
+    if model is not None:
+        split_model_name(model)
+    return [p for p in PRESETS.values() if model in (None, p.model)]
+
+
+def weights_names(model):
+    """The `weights=` names published for `model`, its default first, VTAB runs folded."""
+    names = []
+    for p in list_presets(model):
+        name = p.weights.rsplit("/run", 1)[0] if p.weights.startswith("vtab/") else p.weights
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def find(model, weights):
+    """The `Preset` named by `weights` for `model` ("vtab/<task>" means run 0), else None."""
+    if not isinstance(weights, str):
+        return None
+    if weights.startswith("vtab/") and weights.count("/") == 1:
+        weights += "/run0"
+    return PRESETS.get((model, weights))
+
+
+def split_model_name(model_name):
+    """Returns `(family, architecture)` for a name such as `"BiT-M-R50x1"`.
+
+    Raises:
+        ValueError: if the name is not one of `MODEL_NAMES`.
+    """
+    if model_name not in MODEL_NAMES:
+        raise ValueError(
+            f"Unknown BiT model name. Expected one of {', '.join(MODEL_NAMES)}. "
+            f"Received: model_name={model_name!r}"
+        )
+    family, arch = model_name.rsplit("-", 1)
+    return family, arch
+
+
+class _PresetsModule(types.ModuleType):
+    """This module, callable: `keras_bit.presets()` lists the registry, `keras_bit.presets.PRESETS` is the data."""
+
+    def __call__(self, model=None):
+        return list_presets(model)
+
+
+sys.modules[__name__].__class__ = _PresetsModule

@@ -1,0 +1,129 @@
+"""The one strict loader: every format maps each model variable to a file key, then this checks and assigns.
+
+A format module (npz, keras_h5, timm, hf) supplies a *reader* (keys, shapes,
+arrays) and a *key map* (model variable -> file key + layout conversion). The
+core refuses the file unless every expected key is present, no unexpected key
+is left over, and every tensor has the expected shape, a floating dtype and
+finite values; only then is anything assigned, so a bad file never
+half-loads a model.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+
+
+class Layout:
+    """How a file stores a Keras variable: the file's shape for a variable shape, and the conversion back."""
+
+    def __init__(self, name, file_shape, to_keras):
+        self.name, self.file_shape, self.to_keras = name, file_shape, to_keras
+
+    def __repr__(self):
+        return f"Layout({self.name})"
+
+
+SAME = Layout("same", lambda s: tuple(s), lambda a: a)
+# The authors' head: a 1x1 convolution kernel (1, 1, in, out) for Keras' Dense (in, out).
+HWIO_1X1 = Layout("hwio_1x1", lambda s: (1, 1) + tuple(s), lambda a: a.reshape(a.shape[2:]))
+# PyTorch convolutions (out, in, h, w) for Keras' (h, w, in, out).
+OIHW = Layout("oihw", lambda s: (s[3], s[2], s[0], s[1]), lambda a: a.transpose(2, 3, 1, 0))
+# timm's head: a 1x1 PyTorch convolution (out, in, 1, 1) for Dense (in, out).
+OI11 = Layout("oi11", lambda s: (s[1], s[0], 1, 1), lambda a: a[:, :, 0, 0].T)
+# PyTorch Linear (out, in) for Dense (in, out).
+OI = Layout("oi", lambda s: (s[1], s[0]), lambda a: a.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerId:
+    """A BiT layer name taken apart: kind is "root", "unit", "post_gn" or "head"."""
+
+    kind: str
+    block: int = 0  # 1..4
+    unit: int = 0  # 1..N
+    part: str = ""  # "a", "b", "c" or "proj"
+    leaf: str = ""  # "conv" or "gn"
+
+
+_UNIT = re.compile(r"block(?P<block>[1-4])_unit(?P<unit>[0-9]{2,})_(?P<part>a_proj|a|b|c)_(?P<leaf>conv|gn)")
+_FIXED = {"root_block_conv": LayerId("root", leaf="conv"), "post_gn": LayerId("post_gn", leaf="gn"),
+          "head": LayerId("head")}
+
+
+def parse_layer_name(name):
+    """The `LayerId` of a keras_bit layer name, e.g. "block1_unit01_a_proj_conv"; ValueError for others."""
+    if name in _FIXED:
+        return _FIXED[name]
+    match = _UNIT.fullmatch(name)
+    if match is None:
+        raise ValueError(
+            f"Layer {name!r} has no BiT checkpoint key: checkpoints load into models built by "
+            "keras_bit (layers named like 'block1_unit01_a_conv')."
+        )
+    part = "proj" if match["part"] == "a_proj" else match["part"]
+    return LayerId("unit", int(match["block"]), int(match["unit"]), part, match["leaf"])
+
+
+def model_variables(model, load_head=True):
+    """Yields `(LayerId, layer, variable)` for every weight of a keras_bit model (the head only if `load_head`)."""
+    for layer in model.layers:
+        if not layer.weights or (layer.name == "head" and not load_head):
+            continue
+        layer_id = parse_layer_name(layer.name)
+        for variable in layer.weights:
+            yield layer_id, layer, variable
+
+
+def _few(keys, n=5):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_strict(model, reader, key_map, path, ignorable=(), hint=""):
+    """Checks every tensor of `reader` against `key_map`, then assigns them all, or raises and assigns nothing.
+
+    Args:
+        model: the keras_bit model (for messages).
+        reader: an open format reader with `keys()`, `shape(key)` and `read(key)`.
+        key_map: dict file key -> `(variable, Layout)`.
+        path: the file, for messages.
+        ignorable: file keys that may be present without being loaded (e.g.
+            a head that is not loaded).
+        hint: appended to mismatch messages (e.g. what to check).
+
+    Raises:
+        ValueError: naming the file and the first offending keys.
+    """
+    present = set(reader.keys())
+    missing = set(key_map) - present
+    unexpected = present - set(key_map) - set(ignorable)
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_few(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
+        raise ValueError(
+            f"Checkpoint {path} does not match model {model.name!r} (" + "; ".join(problems) + ")."
+            + (hint or " Is it a checkpoint of another architecture?")
+        )
+    values = []
+    for key in sorted(key_map):
+        variable, layout = key_map[key]
+        expected = layout.file_shape(tuple(variable.shape))
+        shape = tuple(reader.shape(key))
+        if shape != expected:
+            raise ValueError(
+                f"Checkpoint {path}: key {key!r} has shape {shape}, model {model.name!r} expects "
+                f"{expected}. Is it a checkpoint of another architecture?"
+            )
+        value = np.asarray(reader.read(key))
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"Checkpoint {path}: key {key!r} has dtype {value.dtype}, expected floating point.")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"Checkpoint {path}: key {key!r} contains NaN or infinite values.")
+        values.append((variable, layout.to_keras(value)))
+    # Assign only once every key has been checked: a bad file never half-loads a model.
+    for variable, value in values:
+        variable.assign(value.astype(variable.dtype, copy=False))

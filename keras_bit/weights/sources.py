@@ -1,0 +1,214 @@
+"""What a `weights=` value names, where its files are, and which reader loads them.
+
+`resolve` checks a value without downloading anything; `fetch` makes its
+files local (the authors' bucket through `download`, the Hugging Face Hub
+through `huggingface_hub` and its cache); `load_weights` hands a local file to
+the reader of its format. Every reader goes through `core.load_strict`.
+"""
+
+import dataclasses
+import json
+import os
+
+from keras_bit import presets
+from keras_bit.weights import download, hf, keras_h5, npz, safetensors_io, timm
+
+CACHE_SUBDIR = "bit_models"
+HUB_SCHEME = "hf://"
+FORMATS = {"npz": npz, "keras": keras_h5, "timm": timm, "transformers": hf}
+FILE_HELP = "the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers .safetensors file"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A resolved `weights=` value.
+
+    Attributes:
+        spec: the value as given.
+        preset: the `presets.Preset`, for a published name.
+        path: the local file, once known.
+        format: "npz", "keras", "timm" or "transformers", once known.
+        classes: head size, once known (None: no head).
+        resolution: the input size it was made for, where known.
+        architecture: `(block_units, width_factor, base_width, groups)` stated
+            by a Hub config, checked against the model before building.
+        hub: `(repo_id, revision)` of an `hf://` handle.
+    """
+
+    spec: object
+    preset: object = None
+    path: str = None
+    format: str = None
+    classes: int = None
+    resolution: int = None
+    architecture: tuple = None
+    hub: tuple = None
+
+
+def parse_hub_handle(handle):
+    """`("owner/name", revision or None)` of "hf://owner/name[@revision]"; ValueError naming the handle."""
+    repo, _, revision = handle[len(HUB_SCHEME):].partition("@")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts) or (_ and not revision):
+        raise ValueError(f"A Hugging Face handle is 'hf://<owner>/<repo>' or 'hf://<owner>/<repo>@<revision>'. "
+                         f"Received: weights={handle!r}")
+    return repo, revision or None
+
+
+def format_of(path, keys=None):
+    """The format of a local weights file, from its suffix (and tensor names for .safetensors)."""
+    if path.endswith(npz.SUFFIX):
+        return "npz"
+    if path.endswith(keras_h5.SUFFIX):
+        return "keras"
+    if path.endswith(safetensors_io.SUFFIX):
+        if keys is None:
+            with safetensors_io.Reader(path) as reader:
+                keys = set(reader.keys())
+        if timm.is_timm(keys):
+            return "timm"
+        if hf.prefix_of(keys) is not None:
+            return "transformers"
+        raise ValueError(f"{path} holds neither timm nor transformers BiT tensors (no 'stem.conv.weight' or "
+                         "'bit.embedder.convolution.weight').")
+    raise ValueError(f"`weights` must be {FILE_HELP}. Received: weights={path!r}")
+
+
+def check_file(weights, known_names=None):
+    """Validates a `weights=` path; returns it as a string.
+
+    Args:
+        weights: the path (str, bytes or path-like).
+        known_names: text listing the valid weights names, for the error
+            raised when `weights` is neither a file nor a known name.
+
+    Raises:
+        ValueError: unknown name, missing file or unsupported suffix.
+    """
+    path = os.fspath(weights)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    suffixes = (npz.SUFFIX, keras_h5.SUFFIX, safetensors_io.SUFFIX)
+    if not os.path.exists(path):
+        if path.endswith(suffixes) or os.sep in path or known_names is None:
+            raise ValueError(f"`weights` file not found. Received: weights={path!r}")
+        raise ValueError(f"Unknown `weights` name. Expected one of {known_names}, an 'hf://<owner>/<repo>' "
+                         f"handle, or {FILE_HELP}. Received: weights={path!r}")
+    if not path.endswith(suffixes):
+        raise ValueError(f"`weights` must be {FILE_HELP}. Received: weights={path!r}")
+    return path
+
+
+def head_classes(path, fmt=None):
+    """Class count of the head stored in a local weights file, or None if it has no head."""
+    return FORMATS[fmt or format_of(path)].head_classes(path)
+
+
+def resolve(weights, model_name=None):
+    """The `Source` named by `weights` for `model_name` (or a custom architecture); downloads nothing.
+
+    Raises:
+        ValueError: an unknown name, a malformed handle, or a missing or unreadable file.
+    """
+    if weights is None:
+        return None
+    preset = presets.find(model_name, weights) if model_name else None
+    if preset is not None:
+        return Source(weights, preset=preset, format="npz", classes=preset.classes, resolution=preset.resolution)
+    if isinstance(weights, presets.Preset):
+        return Source(weights, preset=weights, format="npz", classes=weights.classes, resolution=weights.resolution)
+    if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
+        return Source(weights, hub=parse_hub_handle(weights))
+    known = ", ".join(repr(n) for n in (None, *presets.weights_names(model_name))) if model_name else "None"
+    if not isinstance(weights, (str, bytes)) and not hasattr(weights, "__fspath__"):
+        raise ValueError(f"`weights` must be one of {known}, an 'hf://<owner>/<repo>' handle, or {FILE_HELP}. "
+                         f"Received: weights={weights!r}")
+    path = check_file(weights, known)
+    fmt = format_of(path)
+    return Source(weights, path=path, format=fmt, classes=head_classes(path, fmt))
+
+
+def _hub_download(repo, revision, filename):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    try:
+        return huggingface_hub.hf_hub_download(repo, filename, revision=revision)
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
+        raise ValueError(f"hf://{repo}: no such Hugging Face repository or revision ({type(e).__name__}).") from e
+    except errors.EntryNotFoundError as e:
+        raise ValueError(f"hf://{repo} has no {filename} (keras_bit reads safetensors; a conversion may exist "
+                         f"under another revision, 'hf://{repo}@<revision>').") from e
+    except (errors.LocalEntryNotFoundError, OSError) as e:
+        raise download.DownloadError(
+            f"Could not get {filename} of hf://{repo} ({e}). Without network access, fill the Hugging Face "
+            "cache on a connected machine (`huggingface-cli download ...`) and copy it ($HF_HOME); "
+            "HF_HUB_OFFLINE=1 then reads it from there.") from e
+
+
+def _fetch_hub(source):
+    repo, revision = source.hub
+    config_path = _hub_download(repo, revision, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"hf://{repo}: unreadable config.json at {config_path} ({e}); delete it.") from e
+    fmt = "timm" if "architecture" in config else "transformers"
+    reader = FORMATS[fmt]
+    architecture = reader.architecture(config, f"hf://{repo}")
+    path = _hub_download(repo, revision, "model.safetensors")
+    found = format_of(path)
+    if found != fmt:
+        raise ValueError(f"hf://{repo}: config.json describes a {fmt} model but model.safetensors holds {found} keys.")
+    return dataclasses.replace(source, path=path, format=fmt, classes=reader.classes(config),
+                               resolution=reader.resolution(config), architecture=architecture)
+
+
+def fetch(source, cache_dir=None):
+    """`source` with its files local: presets from the bucket (or its mirror), `hf://` handles from the Hub.
+
+    Raises:
+        keras_bit.DownloadError: not cached and not downloadable.
+        ValueError: the Hub repository is not a loadable BiT.
+    """
+    if source.hub is not None:
+        return _fetch_hub(source)
+    if source.preset is not None and source.path is None:
+        preset = source.preset
+        path = download.fetch(preset.url, preset.filename, CACHE_SUBDIR, cache_dir, preset.size, preset.sha256)
+        classes = source.classes if source.classes is not None else head_classes(path, "npz")
+        return dataclasses.replace(source, path=path, classes=classes)
+    return source
+
+
+def load_weights(model, weights, load_head=True, fmt=None):
+    """Loads a weights file (any supported format) into a keras_bit model, strictly.
+
+    Args:
+        model: a model built by keras_bit (any `include_top`, any output stride).
+        weights: a local `.npz` (official layout), `.weights.h5` (Keras) or
+            `.safetensors` (timm or transformers layout) file, or an
+            `hf://<owner>/<repo>[@revision]` handle.
+        load_head: whether to load the head (the file's class count must then
+            match); otherwise head tensors are skipped.
+        fmt: the format, when the file name does not tell it.
+
+    Raises:
+        ValueError: unreadable file, or any missing, unexpected, mis-shaped,
+            non-float or non-finite tensor (named with the file). Nothing is
+            assigned in that case.
+
+    Example:
+        >>> model = keras_bit.BiTM_R50x1(weights=None, classes=21843)
+        >>> keras_bit.load_weights(model, "hf://timm/resnetv2_50x1_bit.goog_in21k")
+    """
+    if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
+        weights = _fetch_hub(resolve(weights)).path
+    path = check_file(weights)
+    try:
+        FORMATS[fmt or format_of(path)].load(model, path, load_head)
+    except ValueError as e:
+        if path.startswith(download.resolve_cache_dir() + os.sep) and "corrupt" in str(e):
+            raise ValueError(f"{e} It is a cached download: delete {path} to download it again.") from e
+        raise

@@ -1,0 +1,81 @@
+"""timm's BiT checkpoints (`timm/resnetv2_<depth>x<width>_bit.<tag>` on the Hub): key map and config.
+
+timm's ResNetV2 (timm/models/resnetv2.py) holds the same weights as the
+authors' files in PyTorch layout (convolutions OIHW, the head a 1x1
+convolution): `stem.conv`, `stages.<block-1>.blocks.<unit-1>.{norm1..3,
+conv1..3, downsample.conv}`, `norm`, `head.fc`. timm standardizes kernels with
+eps 1e-8; the weights are the same, and keras_bit keeps the authors' 1e-10.
+"""
+
+import re
+
+from keras_bit import presets
+from keras_bit.weights import core, safetensors_io
+
+STEM, HEAD = "stem.conv", "head.fc"
+_ARCH = re.compile(r"resnetv2_(?P<depth>50|101|152)x(?P<width>[1-4])_bit")
+_PART = {"a": "1", "b": "2", "c": "3"}
+
+
+def unit_module(layer_id):
+    """A unit's module as timm and transformers name it inside the unit: conv1..3, norm1..3, downsample.conv."""
+    if layer_id.part == "proj":
+        return "downsample.conv"
+    return f"{'conv' if layer_id.leaf == 'conv' else 'norm'}{_PART[layer_id.part]}"
+
+
+def _module(layer_id):
+    fixed = {"root": STEM, "post_gn": "norm", "head": HEAD}
+    if layer_id.kind in fixed:
+        return fixed[layer_id.kind]
+    return f"stages.{layer_id.block - 1}.blocks.{layer_id.unit - 1}.{unit_module(layer_id)}"
+
+
+def key_map(model, load_head=True):
+    """timm key -> (variable, Layout) for every weight of `model`."""
+    mapping = {}
+    for layer_id, layer, variable in core.model_variables(model, load_head):
+        kind = variable.name  # kernel, bias, gamma, beta
+        if layer_id.kind == "head":
+            layout = core.OI11 if kind == "kernel" else core.SAME
+        else:
+            layout = core.OIHW if kind == "kernel" else core.SAME
+        leaf = "bias" if kind in ("bias", "beta") else "weight"
+        mapping[f"{_module(layer_id)}.{leaf}"] = (variable, layout)
+    return mapping
+
+
+def is_timm(keys):
+    return f"{STEM}.weight" in keys
+
+
+def architecture(config, source):
+    """`(block_units, width_factor, base_width, groups)` from a timm config.json; ValueError if not a BiT."""
+    name = config.get("architecture")
+    match = _ARCH.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"{source} is not a timm BiT model: its config.json names architecture={name!r}, "
+                         "expected resnetv2_<50|101|152>x<1-4>_bit.")
+    return presets.DEPTHS[int(match["depth"])], int(match["width"]), 64, 32
+
+
+def classes(config):
+    return config.get("num_classes")
+
+
+def resolution(config):
+    size = (config.get("pretrained_cfg") or {}).get("input_size")
+    return int(size[-1]) if size and size[-1] == size[-2] else None
+
+
+def head_classes(path):
+    with safetensors_io.Reader(path) as reader:
+        key = f"{HEAD}.bias"
+        return reader.shape(key)[0] if key in reader.keys() else None
+
+
+def load(model, path, load_head=True):
+    """Strictly loads a timm BiT `.safetensors` file (head tensors skipped unless `load_head`)."""
+    with safetensors_io.Reader(path) as reader:
+        ignorable = [k for k in reader.keys() if k.startswith(HEAD + ".")] if not load_head else ()
+        core.load_strict(model, reader, key_map(model, load_head), path, ignorable)
