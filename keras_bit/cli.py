@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from keras_bit import presets
+from keras_bit.backend import BackendError
 from keras_bit.train import hyperrule
 
 
@@ -136,7 +137,8 @@ def build_parser():
     p = sub.add_parser("demo", help="build a BiT model and classify a generated image")
     p.add_argument("--model", default="BiT-S-R50x1", choices=presets.MODEL_NAMES)
     p.add_argument("--weights", default="default", type=_weights_arg,
-                   help='"default" (the family checkpoint; random if it cannot be fetched), "none", a name or a path')
+                   help='"default" (the family checkpoint; random if it cannot be fetched), "none", a name, an hf:// handle '
+                        "or a path")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
 
@@ -152,7 +154,8 @@ def _add_finetune_parser(sub):
     p.add_argument("--data", default="sklearn:digits",
                    help='tfds name, image folder, or "sklearn:digits" (bundled with scikit-learn, offline)')
     p.add_argument("--weights", default=None, type=_weights_arg,
-                   help='checkpoint to start from ("imagenet21k", "imagenet", a path) (default: none, random init)')
+                   help='checkpoint to start from ("imagenet21k", "imagenet", an hf://<owner>/<repo> handle, a path) '
+                        "(default: none, random init)")
     p.add_argument("--batch-size", type=_positive_int, default=hyperrule.BASE_BATCH_SIZE,
                    help="global batch; may exceed the training set (it repeats, as in BiT's few-shot runs)")
     p.add_argument("--steps", type=_positive_int, default=None, help="total steps (default: BiT-HyperRule's)")
@@ -208,8 +211,10 @@ def _add_other_parsers(sub):
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("convert", help="convert an official .npz checkpoint to a Keras .weights.h5")
-    p.add_argument("input", help="official-layout .npz checkpoint")
+    p = sub.add_parser("convert", help="convert any BiT weights (bucket name, hf:// handle, .npz, .safetensors) "
+                                       "to a Keras .weights.h5")
+    p.add_argument("input", help='what --weights accepts: a published name ("imagenet21k"), an hf://<owner>/<repo> '
+                                 "handle, or an .npz / .weights.h5 / timm or transformers .safetensors file")
     p.add_argument("output", help="destination .weights.h5")
     p.add_argument("--model", required=True, choices=presets.MODEL_NAMES, help="architecture of the checkpoint")
 
@@ -314,7 +319,7 @@ def main(argv=None):
     try:
         with _console_logging(quiet=getattr(args, "quiet", False)):
             _COMMANDS[args.command](args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, BackendError) as e:
         from keras_bit.train.plan import RunMismatchError
 
         message = e.describe(flags=True) if isinstance(e, RunMismatchError) else str(e)
@@ -324,9 +329,8 @@ def main(argv=None):
         print(f"keras-bit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        import tensorflow as tf
-
-        if not isinstance(e, tf.errors.OpError):
+        tf = sys.modules.get("tensorflow")  # only a program that imported TensorFlow can raise its errors
+        if tf is None or not isinstance(e, tf.errors.OpError):
             raise
         # A TensorFlow runtime failure (a file removed mid-run, out of memory): its first line, not the trace.
         first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0]

@@ -190,6 +190,22 @@ def find(model, weights):
     return PRESETS.get((model, weights))
 
 
+def markdown_table():
+    """The registry as the README's Markdown table (one row per model and name; VTAB runs and tasks folded)."""
+    rows = ["| model | `weights=` | trained on | classes | px | also on the Hugging Face Hub |", "|---|---|---|---|---|---|"]
+    for model in MODEL_NAMES:
+        vtab = [p for p in list_presets(model) if p.weights.startswith("vtab/")]
+        for p in list_presets(model):
+            if p.weights.startswith("vtab/"):
+                continue
+            hub = ", ".join(f"`hf://{h}`" for h in p.hub) or "-"
+            rows.append(f"| {model} | `{p.weights}` | {p.description} | {p.classes} | {p.resolution} | {hub} |")
+        if vtab:
+            rows.append(f"| {model} | `vtab/<task>[/run<k>]` | VTAB-1k: {len(VTAB_TASKS)} tasks x runs "
+                        f"{VTAB_RUNS[0]}-{VTAB_RUNS[-1]} | from the file | - | - |")
+    return "\n".join(rows)
+
+
 def split_model_name(model_name):
     """Returns `(family, architecture)` for a name such as `"BiT-M-R50x1"`.
 

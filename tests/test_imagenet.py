@@ -3,31 +3,11 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from keras.src.applications import imagenet_utils  # the decoder keras_bit reuses
 
 import keras_bit
-from keras_bit import presets as configs
+from keras_bit import presets
 from keras_bit.imagenet import IMAGENET21K_FILES
-
-
-def test_preprocess_numpy_uint8_and_float_without_mutation():
-    pixels = np.array([[0, 51, 127, 255]], np.uint8)
-    out = keras_bit.preprocess_input(pixels)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, pixels / 127.5 - 1, rtol=1e-6)
-    floats = np.array([0.0, 127.5, 255.0], np.float64)
-    out = keras_bit.preprocess_input(floats)
-    assert out.dtype == np.float64 and out.tolist() == [-1.0, 0.0, 1.0]
-    assert floats.tolist() == [0.0, 127.5, 255.0]  # input untouched (keras.applications edits in place)
-
-
-def test_preprocess_tensors_and_symbolic():
-    out = keras_bit.preprocess_input(tf.constant([[0, 255]], tf.uint8))
-    assert out.dtype == tf.float32 and out.numpy().tolist() == [[-1.0, 1.0]]
-    inputs = keras.Input((4, 4, 3), dtype="uint8")
-    model = keras.Model(inputs, keras_bit.preprocess_input(inputs))
-    np.testing.assert_allclose(model(np.full((1, 4, 4, 3), 255, np.uint8)), 1.0)
 
 
 def test_decode_1000_uses_keras_decoder(monkeypatch):
@@ -52,18 +32,18 @@ def test_decode_1000_offline_error(monkeypatch, keras_home):
 
 def _write_21k_labels(folder):
     os.makedirs(folder, exist_ok=True)
-    ids = [f"n{i:08d}" for i in range(configs.IMAGENET21K_CLASSES)]
+    ids = [f"n{i:08d}" for i in range(presets.IMAGENET21K_CLASSES)]
     with open(os.path.join(folder, IMAGENET21K_FILES[0]), "w") as f:
         f.write("\n".join(ids) + "\n")
     with open(os.path.join(folder, IMAGENET21K_FILES[1]), "w") as f:
-        f.write("\n".join(f"lemma {i}, alias {i}" for i in range(configs.IMAGENET21K_CLASSES)) + "\n")
+        f.write("\n".join(f"lemma {i}, alias {i}" for i in range(presets.IMAGENET21K_CLASSES)) + "\n")
 
 
 def test_decode_21k_downloads_once_then_uses_cache(tmp_path, monkeypatch):
     mirror = tmp_path / "mirror"
     _write_21k_labels(mirror)
     monkeypatch.setenv("KERAS_BIT_BASE_URL", mirror.as_uri())
-    preds = np.zeros((1, configs.IMAGENET21K_CLASSES), "float32")
+    preds = np.zeros((1, presets.IMAGENET21K_CLASSES), "float32")
     preds[0, 21842], preds[0, 5] = 0.7, 0.2
     decoded = keras_bit.decode_predictions(preds, top=2, cache_dir=tmp_path / "cache")
     assert decoded == [[("n00021842", "lemma 21842, alias 21842", pytest.approx(0.7)), ("n00000005", "lemma 5, alias 5", pytest.approx(0.2))]]
@@ -77,7 +57,7 @@ def test_decode_21k_offline_error_names_url_and_path(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_BIT_BASE_URL", "file:///nonexistent/bit_models/")
     target = tmp_path / "bit_models" / IMAGENET21K_FILES[0]
     with pytest.raises(keras_bit.DownloadError) as info:
-        keras_bit.decode_predictions(np.zeros((1, configs.IMAGENET21K_CLASSES)), cache_dir=tmp_path)
+        keras_bit.decode_predictions(np.zeros((1, presets.IMAGENET21K_CLASSES)), cache_dir=tmp_path)
     message = str(info.value)
     assert f"Could not download file:///nonexistent/bit_models/{IMAGENET21K_FILES[0]}" in message
     assert f"place it at {target}" in message
@@ -89,7 +69,7 @@ def test_decode_21k_wrong_label_file_length(tmp_path):
     for f in IMAGENET21K_FILES:
         (folder / f).write_text("n0\n")
     with pytest.raises(ValueError, match="Expected 21843 lines"):
-        keras_bit.decode_predictions(np.zeros((1, configs.IMAGENET21K_CLASSES)), cache_dir=tmp_path)
+        keras_bit.decode_predictions(np.zeros((1, presets.IMAGENET21K_CLASSES)), cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("shape", [(1, 10), (1000,), (2, 21842)])
