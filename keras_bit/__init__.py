@@ -44,7 +44,9 @@ _EXPORTS = {
     "preprocess_input": "keras_bit.preprocessing",
     "decode_predictions": "keras_bit.imagenet",
     "BackendError": "keras_bit.backend",
-    # TensorFlow only
+}
+# TensorFlow only: on another backend, using them raises BackendError, and they are left out of __all__ / dir().
+_TENSORFLOW_EXPORTS = {
     "finetune": "keras_bit.train.finetune",
     "FinetuneResult": "keras_bit.train.finetune",
     "MultiWorkerStrategy": "keras_bit.train.distribute",
@@ -60,14 +62,14 @@ _MODULES = {
     "presets": "keras_bit.presets",  # callable: keras_bit.presets() lists every published checkpoint
 }
 
-__all__ = sorted([*_EXPORTS, *_MODULES])
+_TENSORFLOW_MODULES = {"data", "pipeline"}
 
 
 def __getattr__(name):
     if name in _MODULES:
         value = importlib.import_module(_MODULES[name])
-    elif name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _EXPORTS or name in _TENSORFLOW_EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS.get(name) or _TENSORFLOW_EXPORTS[name]), name)
     else:
         raise AttributeError(f"module 'keras_bit' has no attribute {name!r}")
     globals()[name] = value  # later lookups skip __getattr__
@@ -80,3 +82,8 @@ def __dir__():
 
 # `.keras` files name the layers as "keras_bit>StandardizedConv2D": registering them needs only Keras.
 importlib.import_module("keras_bit.layers")
+
+if importlib.import_module("keras").backend.backend() == "tensorflow":
+    __all__ = sorted([*_EXPORTS, *_TENSORFLOW_EXPORTS, *_MODULES])
+else:
+    __all__ = sorted([*_EXPORTS, *(m for m in _MODULES if m not in _TENSORFLOW_MODULES)])

@@ -21,6 +21,12 @@ GN_GROUPS = 32
 GN_EPSILON = 1e-5
 
 
+def _at_least_float32(dtype):
+    # Not keras.backend.result_type: it maps float64 to float32 on every backend but TensorFlow
+    # (keras-team/keras#23704).
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
 def standardize_kernel(kernel, epsilon=WS_EPSILON):
     """Standardizes an HWIO kernel per output channel, in float32.
 
@@ -40,7 +46,7 @@ def standardize_kernel(kernel, epsilon=WS_EPSILON):
         (16,)
     """
     # At least float32 (float64 kernels stay float64, as in Keras' GroupNormalization).
-    kernel = ops.cast(kernel, keras.backend.result_type(kernel.dtype, "float32"))
+    kernel = ops.cast(kernel, _at_least_float32(kernel.dtype))
     mean, var = ops.moments(kernel, axes=(0, 1, 2), keepdims=True)
     # Divide by the square root rather than multiply by rsqrt, as the authors do:
     # parity with the published checkpoints is to the last bit where possible.
@@ -148,13 +154,13 @@ class GroupNormalization(keras.layers.GroupNormalization):
             return super().call(inputs)
         channels = inputs.shape[-1]
         per_group = channels // self.groups
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        x = ops.cast(inputs, _at_least_float32(inputs.dtype))
         batch = ops.shape(x)[0]
         channel_mean, channel_var = ops.moments(x, axes=(1, 2))
         channel_mean = ops.reshape(channel_mean, (batch, self.groups, per_group))
         channel_var = ops.reshape(channel_var, (batch, self.groups, per_group))
-        mean = ops.mean(channel_mean, axis=-1, keepdims=True)
-        var = ops.mean(channel_var + ops.square(channel_mean - mean), axis=-1, keepdims=True)
+        mean = ops.sum(channel_mean, axis=-1, keepdims=True) / per_group
+        var = ops.sum(channel_var + ops.square(channel_mean - mean), axis=-1, keepdims=True) / per_group
         scale = ops.rsqrt(var + self.epsilon)
         if self.scale:
             scale = scale * ops.reshape(ops.cast(self.gamma, x.dtype), (self.groups, per_group))

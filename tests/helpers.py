@@ -64,3 +64,159 @@ class Crash(keras.callbacks.Callback):
         self.seen += 1
         if self.seen == self.after:
             raise KeyboardInterrupt("simulated crash")
+
+
+# --- A Hugging Face Hub cache on disk, read offline (timm and transformers checkpoints). ---
+
+TINY_BIT_CONFIG = dict(depths=[2, 1, 1, 1], embedding_size=32, hidden_sizes=[128, 256, 512, 1024], num_groups=8)
+
+
+def offline_hub(monkeypatch, cache):
+    """Points huggingface_hub at the cache folder `cache` (created) and forbids network access; returns `cache`.
+
+    huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE from the environment once, when
+    `huggingface_hub.constants` is imported, and `hf_hub_download` then looks the module attributes up at
+    call time; keras_bit passes no `cache_dir`, so patching the attributes is what takes effect in this
+    process (the environment variables are set too, for anything started from here).
+    """
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def tiny_weights(width=1, classes=10, seed=0):
+    """A random official-layout dict of the TINY architecture (random head of `classes`)."""
+    return reference.random_checkpoint(TINY["block_units"], width=width, base=TINY["base_width"], classes=classes,
+                                       seed=seed)
+
+
+def hub_repo(cache, repo_id, files, revision="main"):
+    """Writes a model repository into a Hugging Face cache folder, laid out as huggingface_hub does.
+
+    `models--<owner>--<name>/blobs/<digest>` holds the contents, `refs/<revision>` the commit and
+    `snapshots/<commit>/<file>` links to the blob. `files` maps a file name to a dict (`.json`: written as
+    JSON; `.safetensors`: arrays written with `safetensors.numpy.save_file`) or to bytes.
+
+    Returns:
+        file name -> its path in the snapshot (what `hf_hub_download` returns).
+    """
+    import hashlib
+    import json
+    import pathlib
+
+    from safetensors.numpy import save_file
+
+    folder = pathlib.Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / revision).write_text(commit)
+    paths = {}
+    for name, content in files.items():
+        staging = folder / "blobs" / "incoming"
+        if name.endswith(".safetensors") and isinstance(content, dict):
+            # save_file writes each array's buffer as is (a transposed view would be stored untransposed).
+            save_file({k: np.ascontiguousarray(v) for k, v in content.items()}, str(staging))
+        else:
+            staging.write_bytes(json.dumps(content).encode() if isinstance(content, dict) else content)
+        blob = folder / "blobs" / hashlib.sha256(staging.read_bytes()).hexdigest()
+        staging.replace(blob)
+        link = folder / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(pathlib.Path("..", "..", "blobs", blob.name))
+        paths[name] = str(link)
+    return paths
+
+
+def timm_config(architecture="resnetv2_50x1_bit", num_classes=21843, size=224):
+    """A timm config.json as timm writes it for its BiT uploads."""
+    return {
+        "architecture": architecture, "num_classes": num_classes, "num_features": 2048,
+        "pretrained_cfg": {"tag": "goog_in21k", "custom_load": True, "input_size": [3, size, size],
+                           "fixed_input_size": False, "interpolation": "bilinear", "crop_pct": 0.875,
+                           "crop_mode": "center", "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": num_classes,
+                           "pool_size": [size // 32] * 2, "first_conv": "stem.conv", "classifier": "head.fc"},
+    }
+
+
+def bit_config(classes=10, **overrides):
+    """A transformers BitConfig (config.json of BitForImageClassification), tiny unless `overrides` say otherwise."""
+    config = {
+        "architectures": ["BitForImageClassification"], "model_type": "bit", "num_channels": 3,
+        "layer_type": "preactivation", "global_padding": None, "embedding_dynamic_padding": False,
+        "hidden_act": "relu", "width_factor": 1, "output_stride": 32, "drop_path_rate": 0.0,
+        "id2label": {str(i): f"class_{i}" for i in range(classes)},
+        "label2id": {f"class_{i}": i for i in range(classes)},
+        **TINY_BIT_CONFIG,
+    }
+    config.update(overrides)
+    return config
+
+
+# --- Checks shared by the weight-format tests. ---
+
+
+def relative_error(a, b):
+    """max |a - b| / max |b|."""
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def assert_refused(model, load, message):
+    """`load()` raises ValueError matching `message` and leaves every weight of `model` as it was."""
+    import pytest
+
+    before = [w.numpy().copy() for w in model.weights]
+    with pytest.raises(ValueError, match=message) as info:
+        load()
+    for old, variable in zip(before, model.weights):
+        np.testing.assert_array_equal(old, variable.numpy(), err_msg=f"{variable.path} changed by a refused load")
+    return info.value
+
+
+def randomize(model, seed=0):
+    """Gives every weight of `model` random values (so that a zero-initialised head shows when overwritten)."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape).astype(variable.dtype))
+    return model
+
+
+DEFECTS = ("missing", "unexpected", "nan", "int")
+
+
+def with_defect(tensors, defect, key, extra):
+    """A copy of the state dict `tensors` with one defect, and the regex the strict loader's error must match.
+
+    `defect` is one of DEFECTS: `key` removed, the `(name, array)` pair `extra` added, a NaN in `key`, or `key`
+    stored as int32.
+    """
+    import re
+
+    tensors = dict(tensors)
+    if defect == "missing":
+        del tensors[key]
+        return tensors, rf"1 missing keys: {re.escape(key)}"
+    if defect == "unexpected":
+        tensors[extra[0]] = extra[1]
+        return tensors, rf"1 unexpected keys: {re.escape(extra[0])}"
+    if defect == "nan":
+        tensors[key] = tensors[key].copy()
+        tensors[key].flat[tensors[key].size // 2] = np.nan
+        return tensors, rf"key '{re.escape(key)}' contains NaN or infinite values"
+    tensors[key] = tensors[key].astype(np.int32)
+    return tensors, rf"key '{re.escape(key)}' has dtype int32, expected floating point"
+
+
+def assert_safetensors_refused(path, tensors, message):
+    """Writes `tensors` to `path`; loading it into a tiny 10-class model fails naming `path`, assigning nothing."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path))
+    model = tiny_model(classes=10)
+    error = assert_refused(model, lambda: keras_bit.load_weights(model, path), message)
+    assert str(path) in str(error)

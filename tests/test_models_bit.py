@@ -132,11 +132,18 @@ def test_tiny_forward_matches_numpy_reference(tmp_path, rng, seed):
 
 def test_tiny_forward_float64_matches_numpy_reference_exactly(tmp_path, rng):
     """In float64 the only differences left are summation order: any architecture slip shows."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            pytest.skip("JAX computes float64 in float32 unless jax_enable_x64 is set")
     d = tiny_checkpoint(tmp_path / "tiny.npz", classes=10, seed=2)
     x = images(rng).astype("float64")
     keras.config.set_dtype_policy("float64")
     model = tiny_model(weights=str(tmp_path / "tiny.npz"), classifier_activation=None)
-    np.testing.assert_allclose(model.predict(x, verbose=0), reference.forward(d, x, groups=8), atol=1e-10, rtol=0)
+    # Keras on PyTorch runs a float64 Dense matmul in float32 (keras-team/keras#23704): logits to ~1e-6 there.
+    logits_atol = 2e-6 if keras.backend.backend() == "torch" else 1e-10
+    np.testing.assert_allclose(model.predict(x, verbose=0), reference.forward(d, x, groups=8), atol=logits_atol, rtol=0)
     features = tiny_model(weights=str(tmp_path / "tiny.npz"), include_top=False)
     np.testing.assert_allclose(
         features.predict(x, verbose=0), reference.forward(d, x, groups=8, features=True), atol=1e-10, rtol=0

@@ -47,16 +47,6 @@ def _plan_head(include_top, classes, source_classes, classifier_activation):
     return head_classes, load_head
 
 
-def _check_source_architecture(source, architecture):
-    if source.architecture is not None and tuple(source.architecture) != tuple(architecture):
-        units, width, base, groups = source.architecture
-        raise ValueError(
-            f"{source.spec} holds a BiT with block_units={units}, width_factor={width}, base_width={base}, "
-            f"groups={groups}; the model asks for block_units={architecture[0]}, width_factor={architecture[1]}, "
-            f"base_width={architecture[2]}, groups={architecture[3]}."
-        )
-
-
 def ResNetV2(
     block_units=(3, 4, 6, 3),
     width_factor=1,
@@ -134,8 +124,7 @@ def ResNetV2(
     if source is not None and source.hub is None and (source.classes is not None or source.preset is None):
         _plan_head(include_top, classes, source.classes, classifier_activation)  # before any download
     if source is not None:
-        source = sources.fetch(source, cache_dir)  # before building: fail fast when offline
-        _check_source_architecture(source, architecture)
+        source = sources.fetch(source, cache_dir, architecture)  # before building: fail fast when offline
     head_classes, load_head = _plan_head(include_top, classes, source and source.classes, classifier_activation)
     model = resnet_v2.build_resnet_v2(
         *architecture[:2], include_top=include_top, input_tensor=input_tensor,
@@ -145,7 +134,7 @@ def ResNetV2(
         base_width=base_width, groups=groups, output_stride=output_stride,
     )
     if source is not None:
-        sources.load_weights(model, source.path, load_head=load_head, fmt=source.format)
+        sources.load_source(model, source, load_head)
         if include_top and not load_head:
             logger.warning(
                 "Loaded the backbone of %s; the head is new and zero-initialised with %d classes "
@@ -278,7 +267,7 @@ def feature_model(model, out_indices=(1, 2, 3, 4)):
     """
     info = feature_info(model)
     if (not isinstance(out_indices, (tuple, list)) or not out_indices
-            or any(isinstance(i, bool) or i not in range(len(info)) for i in out_indices)):
+            or any(type(i) is not int or i not in range(len(info)) for i in out_indices)):
         raise ValueError(f"`out_indices` must be a non-empty sequence of indices in 0..{len(info) - 1} "
                          f"(0: stem, 1-4: blocks). Received: out_indices={out_indices!r}")
     chosen = [info[i] for i in out_indices]

@@ -46,7 +46,7 @@ def check_architecture(block_units, width_factor, base_width, groups, output_str
             f"GroupNorm needs channel counts divisible by `groups`: base_width * width_factor "
             f"= {base_width * width_factor} is not a multiple of groups={groups}."
         )
-    if isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
+    if type(output_stride) is not int or output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"`output_stride` must be one of {OUTPUT_STRIDES}. Received: output_stride={output_stride!r}")
 
 
@@ -125,7 +125,7 @@ def block_plan(output_stride=32):
             dilation *= block_stride
             block_stride = 1
         first = 1 if dilation in (1, 2) else 2
-        plan.append((block_stride, 1 if dilation in (1, 2) else 2, dilation))
+        plan.append((block_stride, first, dilation))
         stride *= block_stride
     return tuple(plan)
 

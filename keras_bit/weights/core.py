@@ -80,7 +80,7 @@ def _few(keys, n=5):
     return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_strict(model, reader, key_map, path, ignorable=(), hint=""):
+def load_strict(model, reader, key_map, path, ignorable=(), hint=" Is it a checkpoint of another architecture?"):
     """Checks every tensor of `reader` against `key_map`, then assigns them all, or raises and assigns nothing.
 
     Args:
@@ -90,7 +90,7 @@ def load_strict(model, reader, key_map, path, ignorable=(), hint=""):
         path: the file, for messages.
         ignorable: file keys that may be present without being loaded (e.g.
             a head that is not loaded).
-        hint: appended to mismatch messages (e.g. what to check).
+        hint: appended to mismatch messages (what to check).
 
     Raises:
         ValueError: naming the file and the first offending keys.
@@ -104,21 +104,19 @@ def load_strict(model, reader, key_map, path, ignorable=(), hint=""):
             problems.append(f"{len(missing)} missing keys: {_few(missing)}")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
-        raise ValueError(
-            f"Checkpoint {path} does not match model {model.name!r} (" + "; ".join(problems) + ")."
-            + (hint or " Is it a checkpoint of another architecture?")
-        )
+        raise ValueError(f"Checkpoint {path} does not match model {model.name!r} (" + "; ".join(problems) + ")."
+                         + hint)
     values = []
     for key in sorted(key_map):
         variable, layout = key_map[key]
         expected = layout.file_shape(tuple(variable.shape))
         shape = tuple(reader.shape(key))
         if shape != expected:
-            raise ValueError(
-                f"Checkpoint {path}: key {key!r} has shape {shape}, model {model.name!r} expects "
-                f"{expected}. Is it a checkpoint of another architecture?"
-            )
+            raise ValueError(f"Checkpoint {path}: key {key!r} has shape {shape}, model {model.name!r} expects "
+                             f"{expected}." + hint)
         value = np.asarray(reader.read(key))
+        if value.dtype.name == "bfloat16":  # safetensors hands bf16 over as ml_dtypes' type; float32 holds it exactly
+            value = value.astype(np.float32)
         if not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"Checkpoint {path}: key {key!r} has dtype {value.dtype}, expected floating point.")
         if not np.all(np.isfinite(value)):

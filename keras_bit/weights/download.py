@@ -11,6 +11,7 @@ then trust, so it is not used for checkpoints.)
 """
 
 import hashlib
+import http.client
 import os
 import glob
 import time
@@ -123,8 +124,8 @@ def fetch(url, filename, cache_subdir, cache_dir=None, size=None, sha256=None):
             return target
     try:
         return _download(url, target, size, sha256)
-    except (OSError, ValueError, urllib.error.URLError) as e:
-        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
+        reason = e.reason if type(e) is urllib.error.URLError else e
         cached = f" The cached copy at {target} has {stale}: delete it." if stale else ""
         raise DownloadError(
             f"Could not download {url} ({reason}).{cached} Without network access, download that file "

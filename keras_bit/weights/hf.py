@@ -58,8 +58,14 @@ def architecture(config, source):
         problems.append(f"depths={depths!r}, width_factor={width!r}")
     if problems:
         raise ValueError(f"{source} is not a BiT checkpoint keras_bit can load: " + "; ".join(problems) + ".")
-    # transformers does not scale embedding_size by width_factor: wide models state 64 * width.
-    return tuple(depths), width, config.get("embedding_size", 64) // width, config.get("num_groups", 32)
+    # transformers scales hidden_sizes by width_factor but not embedding_size: wide models state 64 * width.
+    base = config.get("embedding_size", 64 * width) // width
+    hidden = config.get("hidden_sizes")
+    if hidden is not None and list(hidden) != [4 * base * 2**i for i in range(4)]:
+        problems.append(f"hidden_sizes={hidden!r} (BiT: {[4 * base * 2**i for i in range(4)]})")
+    if problems:
+        raise ValueError(f"{source} is not a BiT checkpoint keras_bit can load: " + "; ".join(problems) + ".")
+    return tuple(depths), width, base, config.get("num_groups", 32)
 
 
 def classes(config):

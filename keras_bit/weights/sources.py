@@ -6,6 +6,7 @@ through `huggingface_hub` and its cache); `load_weights` hands a local file to
 the reader of its format. Every reader goes through `core.load_strict`.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -90,7 +91,8 @@ def check_file(weights, known_names=None):
         path = os.fsdecode(path)
     suffixes = (npz.SUFFIX, keras_h5.SUFFIX, safetensors_io.SUFFIX)
     if not os.path.exists(path):
-        if path.endswith(suffixes) or os.sep in path or known_names is None:
+        names_a_file = path.endswith(suffixes) or (os.sep in path and not path.startswith("vtab/"))
+        if names_a_file or known_names is None:
             raise ValueError(f"`weights` file not found. Received: weights={path!r}")
         raise ValueError(f"Unknown `weights` name. Expected one of {known_names}, an 'hf://<owner>/<repo>' "
                          f"handle, or {FILE_HELP}. Received: weights={path!r}")
@@ -134,19 +136,32 @@ def _hub_download(repo, revision, filename):
 
     try:
         return huggingface_hub.hf_hub_download(repo, filename, revision=revision)
+    except errors.LocalEntryNotFoundError as e:  # first: since huggingface_hub 1.0 it is an EntryNotFoundError too
+        raise download.DownloadError(
+            f"Could not get {filename} of hf://{repo} ({e}). Without network access, fill the Hugging Face "
+            "cache on a connected machine (`hf download ...`) and copy it ($HF_HOME); "
+            "HF_HUB_OFFLINE=1 then reads it from there.") from e
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
         raise ValueError(f"hf://{repo}: no such Hugging Face repository or revision ({type(e).__name__}).") from e
     except errors.EntryNotFoundError as e:
         raise ValueError(f"hf://{repo} has no {filename} (keras_bit reads safetensors; a conversion may exist "
                          f"under another revision, 'hf://{repo}@<revision>').") from e
-    except (errors.LocalEntryNotFoundError, OSError) as e:
-        raise download.DownloadError(
-            f"Could not get {filename} of hf://{repo} ({e}). Without network access, fill the Hugging Face "
-            "cache on a connected machine (`huggingface-cli download ...`) and copy it ($HF_HOME); "
-            "HF_HUB_OFFLINE=1 then reads it from there.") from e
+    except OSError as e:
+        raise download.DownloadError(f"Could not get {filename} of hf://{repo}: {e}") from e
 
 
-def _fetch_hub(source):
+def check_architecture(source, architecture):
+    """Raises `ValueError` unless the architecture a Hub config states is `architecture`."""
+    if source.architecture is not None and tuple(source.architecture) != tuple(architecture):
+        units, width, base, groups = source.architecture
+        raise ValueError(
+            f"{source.spec} holds a BiT with block_units={units}, width_factor={width}, base_width={base}, "
+            f"groups={groups}; the model asks for block_units={architecture[0]}, width_factor={architecture[1]}, "
+            f"base_width={architecture[2]}, groups={architecture[3]}."
+        )
+
+
+def _fetch_hub(source, architecture=None):
     repo, revision = source.hub
     config_path = _hub_download(repo, revision, "config.json")
     try:
@@ -156,30 +171,60 @@ def _fetch_hub(source):
         raise ValueError(f"hf://{repo}: unreadable config.json at {config_path} ({e}); delete it.") from e
     fmt = "timm" if "architecture" in config else "transformers"
     reader = FORMATS[fmt]
-    architecture = reader.architecture(config, f"hf://{repo}")
+    source = dataclasses.replace(source, format=fmt, classes=reader.classes(config),
+                                 resolution=reader.resolution(config),
+                                 architecture=reader.architecture(config, f"hf://{repo}"))
+    if architecture is not None:
+        check_architecture(source, architecture)  # before the weights are downloaded
     path = _hub_download(repo, revision, "model.safetensors")
     found = format_of(path)
     if found != fmt:
         raise ValueError(f"hf://{repo}: config.json describes a {fmt} model but model.safetensors holds {found} keys.")
-    return dataclasses.replace(source, path=path, format=fmt, classes=reader.classes(config),
-                               resolution=reader.resolution(config), architecture=architecture)
+    return dataclasses.replace(source, path=path)
 
 
-def fetch(source, cache_dir=None):
+def fetch(source, cache_dir=None, architecture=None):
     """`source` with its files local: presets from the bucket (or its mirror), `hf://` handles from the Hub.
+
+    Args:
+        source: a `Source` from `resolve`.
+        cache_dir: cache root of bucket downloads (default `$KERAS_HOME` or `~/.keras`).
+        architecture: `(block_units, width_factor, base_width, groups)` of
+            the model to load into; a Hub config stating another is refused
+            before its weights are downloaded.
 
     Raises:
         keras_bit.DownloadError: not cached and not downloadable.
         ValueError: the Hub repository is not a loadable BiT.
     """
     if source.hub is not None:
-        return _fetch_hub(source)
+        return _fetch_hub(source, architecture)
     if source.preset is not None and source.path is None:
         preset = source.preset
         path = download.fetch(preset.url, preset.filename, CACHE_SUBDIR, cache_dir, preset.size, preset.sha256)
-        classes = source.classes if source.classes is not None else head_classes(path, "npz")
+        classes = source.classes
+        if classes is None:  # e.g. VTAB releases: the head size is in the file
+            with _delete_hint(path, cached=True):
+                classes = head_classes(path, "npz")
         return dataclasses.replace(source, path=path, classes=classes)
     return source
+
+
+@contextlib.contextmanager
+def _delete_hint(path, cached):
+    """Adds "delete it" to a corrupt-file error when the file is a download keras_bit or huggingface_hub cached."""
+    try:
+        yield
+    except ValueError as e:
+        if cached and "corrupt" in str(e):
+            raise ValueError(f"{e} It is a cached download: delete {path} to download it again.") from e
+        raise
+
+
+def load_source(model, source, load_head=True):
+    """Loads a fetched `Source` into `model` (a corrupt cached download names the file to delete)."""
+    with _delete_hint(source.path, cached=source.preset is not None or source.hub is not None):
+        FORMATS[source.format or format_of(source.path)].load(model, source.path, load_head)
 
 
 def load_weights(model, weights, load_head=True, fmt=None):
@@ -204,11 +249,10 @@ def load_weights(model, weights, load_head=True, fmt=None):
         >>> keras_bit.load_weights(model, "hf://timm/resnetv2_50x1_bit.goog_in21k")
     """
     if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
-        weights = _fetch_hub(resolve(weights)).path
-    path = check_file(weights)
-    try:
-        FORMATS[fmt or format_of(path)].load(model, path, load_head)
-    except ValueError as e:
-        if path.startswith(download.resolve_cache_dir() + os.sep) and "corrupt" in str(e):
-            raise ValueError(f"{e} It is a cached download: delete {path} to download it again.") from e
-        raise
+        source = _fetch_hub(resolve(weights))
+    else:
+        path = check_file(weights)
+        source = Source(weights, path=path, format=fmt)
+    # A headless model loads the backbone of a file that has a head.
+    load_head = load_head and any(layer.name == "head" for layer in model.layers)
+    load_source(model, source, load_head)
