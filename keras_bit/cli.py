@@ -89,6 +89,8 @@ def demo(model_name="BiT-S-R50x1", weights="default", top=5, size=None):
         model = keras_bit.BiT(model_name, **kwargs)
         pretrained = kwargs.get("weights", True) is not None
     except keras_bit.DownloadError as e:
+        if weights != "default":
+            raise  # weights the user named: an error, never a silent swap for random ones
         print(f"[keras-bit demo] {e}\n[keras-bit demo] Continuing with random weights (weights=None).")
         model = keras_bit.BiT(model_name, **{**kwargs, "weights": None})
         pretrained = False
@@ -139,8 +141,8 @@ def build_parser():
     p.add_argument("--weights", default="default", type=_weights_arg,
                    help='"default" (the family checkpoint; random if it cannot be fetched), "none", a name, an hf:// handle '
                         "or a path")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--top", type=_positive_int, default=5)
+    p.add_argument("--size", type=_positive_int, default=None, help="image size (default: the model's)")
 
     _add_finetune_parser(sub)
     _add_other_parsers(sub)
@@ -203,12 +205,12 @@ def _add_other_parsers(sub):
     p.add_argument("--name", default=None, help="folder name (default: the model's name)")
     p.add_argument("--version", type=int, default=None, help="default: the next free version")
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=_positive_int, default=5)
 
     p = sub.add_parser("predict", help="classify image files with a SavedModel, a .keras model or a BiT name")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", required=True, help="SavedModel folder, .keras file or BiT model name")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=_positive_int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("convert", help="convert any BiT weights (bucket name, hf:// handle, .npz, .safetensors) "

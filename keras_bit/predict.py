@@ -39,8 +39,9 @@ def predict_files(paths, model, top=5):
     Returns:
         A list of `{"image": path, "top": [{"index", "score", "label"}, ...]}`.
     """
-    import tensorflow as tf
+    from keras_bit.backend import tensorflow
 
+    tf = tensorflow("Prediction from image files")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"Image file(s) not found: {', '.join(missing)}")

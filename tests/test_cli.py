@@ -118,3 +118,18 @@ def test_console_has_no_tensorflow_noise(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "keras-bit finetune: error: `mixup` (MixUp alpha) must be a finite number >= 0. Received: mixup=nan"]
+
+
+def test_demo_never_swaps_named_weights_for_random_ones(monkeypatch, capsys):
+    monkeypatch.setenv("KERAS_BIT_BASE_URL", "file:///nonexistent/")
+    assert main(["demo", "--model", "BiT-S-R50x1", "--weights", "imagenet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("keras-bit demo: error: Could not download")
+
+
+@pytest.mark.parametrize("flag", ["--top=0", "--top=-3", "--size=0"])
+def test_demo_counts_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", flag])
+    assert info.value.code == 2
+    assert "keras-bit demo: error:" in capsys.readouterr().err

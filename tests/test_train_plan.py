@@ -99,3 +99,8 @@ def test_check_resume(tmp_path):
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(ValueError, match="Cannot read .*run.json"):
         plan.check_resume(tmp_path, record, has_backup=True)
+
+
+def test_check_model_refuses_a_non_callable_even_with_a_weights_file():
+    with pytest.raises(ValueError, match=r"`model` must be a BiT model name .* or a builder callable. Received: model=123"):
+        plan.check_model(123, "x.npz")

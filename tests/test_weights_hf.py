@@ -1,6 +1,8 @@
 """transformers checkpoints (`BitForImageClassification` / `BitModel` `.safetensors`), local and via `hf://`."""
 
 import importlib
+import os
+import re
 import logging
 
 import keras
@@ -206,3 +208,29 @@ def test_conv_head_refused(tmp_path):
     t["classifier.1.weight"] = t["classifier.1.weight"][:, :, None, None].copy()
     assert_safetensors_refused(tmp_path / "bad.safetensors", t,
                                r"key 'classifier.1.weight' has shape \(10, 1024, 1, 1\), model .* expects \(10, 1024\)")
+
+
+def test_cached_truncated_weights_say_which_blob_to_delete(hub):
+    tensors = reference.to_transformers(tiny_weights())
+    paths = hub_repo(hub, REPO, {"config.json": bit_config(), "model.safetensors": tensors})
+    blob = os.path.realpath(paths["model.safetensors"])
+    with open(blob, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match=rf"delete {re.escape(blob)} to download it again"):
+        tiny_model(weights=f"hf://{REPO}")
+
+
+def test_headless_bitmodel_repo_head_size_comes_from_the_file(hub, rng):
+    """transformers configs always carry labels; a BitModel file has no head, so there is none to load."""
+    d = tiny_weights()
+    hub_repo(hub, REPO, {"config.json": bit_config(classes=2), "model.safetensors": reference.to_transformers(d, prefix="")})
+    model = tiny_model(weights=f"hf://{REPO}", classes=10)
+    assert not np.any(model.get_layer("head").kernel.numpy())  # a new zero head, not "the checkpoint has 2"
+    x = images(rng)
+    np.testing.assert_allclose(_features(model, x), reference.forward(d, x, groups=8, features=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("handle", ["hf://a/b..c", "hf://a b/c", "hf://-a/b"])
+def test_invalid_repo_ids_are_named(handle):
+    with pytest.raises(ValueError, match=r"A Hugging Face handle is 'hf://<owner>/<repo>'.*Received: weights="):
+        tiny_model(weights=handle)

@@ -152,3 +152,16 @@ def test_load_weights_into_headless_model_skips_the_files_head(tmp_path, rng):
     keras_bit.load_weights(headless, path)
     x = images(rng)
     np.testing.assert_array_equal(headless.predict(x, verbose=0), _features(model, x))
+
+
+def test_weights_saved_after_training_load(tmp_path, rng):
+    """Keras writes the optimizer state into .weights.h5 after compile/fit: not model weights, skipped."""
+    model = randomize(tiny_model(classes=3, input_shape=(32, 32, 3)), seed=4)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(rng.uniform(-1, 1, (4, 32, 32, 3)).astype("float32"), np.array([0, 1, 2, 0]), epochs=1, verbose=0)
+    model.save_weights(tmp_path / "trained.weights.h5")
+    with h5py.File(tmp_path / "trained.weights.h5") as f:
+        assert "optimizer" in f  # the case under test
+    again = tiny_model(classes=3, input_shape=(32, 32, 3), weights=str(tmp_path / "trained.weights.h5"))
+    for a, b in zip(model.weights, again.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -285,3 +285,21 @@ def test_vtab_weights_download_and_head_size_from_file(tmp_path, monkeypatch):
 def test_unknown_weights_message_mentions_vtab():
     with pytest.raises(ValueError, match=r"'imagenet-distilled-224', 'imagenet-distilled-160', 'vtab/caltech101'"):
         keras_bit.BiTM_R50x1(weights="imagenet-1k")
+
+
+def test_hdf5_named_npz_says_what_it_is(tmp_path):
+    model = tiny_model(classes=10)
+    model.save_weights(tmp_path / "real.weights.h5")
+    (tmp_path / "real.weights.h5").rename(tmp_path / "fake.npz")
+    with pytest.raises(ValueError, match=r"fake.npz: it is an HDF5 file \(a .weights.h5\?\), not an .npz"):
+        keras_bit.load_weights(model, tmp_path / "fake.npz")
+
+
+def test_preset_of_another_model_refused_before_any_download(monkeypatch):
+    monkeypatch.setenv("KERAS_BIT_BASE_URL", "file:///nonexistent/")
+    other = presets.PRESETS[("BiT-M-R50x3", "imagenet21k")]
+    with pytest.raises(ValueError, match=r"`weights` is a checkpoint of BiT-M-R50x3, not of BiT-S-R50x1"):
+        keras_bit.BiT("BiT-S-R50x1", weights=other)
+    with pytest.raises(ValueError, match=r"holds a BiT with block_units=\(3, 4, 6, 3\), width_factor=1.*"
+                                         r"the model asks for block_units=\(1, 1, 1, 1\)"):
+        keras_bit.ResNetV2((1, 1, 1, 1), model_name="BiT-M-R50x1", weights="imagenet21k")

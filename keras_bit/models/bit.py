@@ -211,16 +211,19 @@ def convert(weights, output_path, model_name):
     """
     output_path = os.fspath(output_path)
     if not output_path.endswith(keras_h5.SUFFIX):
-        raise ValueError(f"`output_path` must end with {keras_h5.SUFFIX!r}. Received: {output_path!r}")
-    presets.split_model_name(model_name)
+        raise ValueError(f"`output_path` must end with {keras_h5.SUFFIX!r}. Received: output_path={output_path!r}")
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"The folder of `output_path` does not exist: {folder}")
+    family, arch_name = presets.split_model_name(model_name)
     source = sources.resolve(weights, model_name)
     if source is None:
         raise ValueError("`weights` must name the weights to convert. Received: weights=None")
-    include_top = source.hub is not None or source.preset is not None or source.classes is not None
-    model = BiT(model_name, include_top=include_top, weights=weights, input_shape=(None, None, 3))
+    arch = presets.ARCHITECTURES[arch_name]
+    # The files first: whether there is a head to convert is known only from them.
+    source = sources.fetch(source, architecture=(arch.block_units, arch.width_factor, 64, 32))
+    model = BiT(model_name, include_top=source.classes is not None, weights=source.path, input_shape=(None, None, 3))
     model.save_weights(output_path)
-    logger.info("Wrote %s (%s, %s classes).", output_path, model_name,
-                model.output_shape[-1] if include_top else "no head")
     return model
 
 

@@ -179,6 +179,7 @@ def finetune(
     plan.check_model(model, weights)
     plan.check_extras(export_dir, callbacks, strategy)
     output_dir = plan.check_output_dir(output_dir)
+    plan.fetch_weights(model, weights)
     strategy = distribute.select_strategy(strategy, gradient_accumulation_steps)
     chief = distribute.is_chief(strategy)
     dataset, train = _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images)

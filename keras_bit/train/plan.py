@@ -209,6 +209,11 @@ def resolve_resolution(resolution, image_size):
 
 def check_model(model, weights):
     """`model` is a BiT name or a builder; `weights` valid for it (names and files checked, nothing downloaded)."""
+    if not isinstance(model, str) and not callable(model):
+        raise ValueError(
+            f"`model` must be a BiT model name ({', '.join(presets.MODEL_NAMES)}) or a builder callable. "
+            f"Received: model={model!r}"
+        )
     if isinstance(model, str):
         from keras_bit.models.bit import check_weights
 
@@ -219,11 +224,16 @@ def check_model(model, weights):
         from keras_bit.weights.sources import resolve
 
         resolve(weights)  # a file or Hub handle the builder will load: checked now, nothing downloaded
-    elif not callable(model):
-        raise ValueError(
-            f"`model` must be a BiT model name ({', '.join(presets.MODEL_NAMES)}) or a builder callable. "
-            f"Received: model={model!r}"
-        )
+
+
+def fetch_weights(model, weights):
+    """Published or Hub weights made local before any data is read: an offline miss leaves no output behind."""
+    hub = isinstance(weights, str) and weights.startswith("hf://")
+    if weights is None or not (isinstance(model, str) or hub):
+        return
+    from keras_bit.weights import sources
+
+    sources.fetch(sources.resolve(weights, model if isinstance(model, str) else None))
 
 
 def default_base_lr(weights):

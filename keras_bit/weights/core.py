@@ -75,6 +75,23 @@ def model_variables(model, load_head=True):
             yield layer_id, layer, variable
 
 
+def pytorch_key_map(model, load_head, module_name, head_layout):
+    """File key -> (variable, Layout) for PyTorch-layout files (timm, transformers).
+
+    Kernels are OIHW (the head: `head_layout`), GroupNorm gamma/beta are
+    `weight`/`bias`, and `module_name(LayerId)` names each layer's module.
+    """
+    mapping = {}
+    for layer_id, _, variable in model_variables(model, load_head):
+        if variable.name == "kernel":
+            layout = head_layout if layer_id.kind == "head" else OIHW
+        else:
+            layout = SAME
+        leaf = "bias" if variable.name in ("bias", "beta") else "weight"
+        mapping[f"{module_name(layer_id)}.{leaf}"] = (variable, layout)
+    return mapping
+
+
 def _few(keys, n=5):
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")

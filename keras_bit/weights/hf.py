@@ -22,18 +22,13 @@ def _hf_module(layer_id, prefix):
     return f"{prefix}encoder.stages.{layer_id.block - 1}.layers.{layer_id.unit - 1}.{unit_module(layer_id)}"
 
 
-def key_map(model, load_head=True, prefix=PREFIX):
-    """transformers key -> (variable, Layout) for every weight of `model`."""
-    mapping = {}
-    for layer_id, _, variable in core.model_variables(model, load_head):
-        kind = variable.name
-        if layer_id.kind == "head":
-            layout = core.OI if kind == "kernel" else core.SAME
-        else:
-            layout = core.OIHW if kind == "kernel" else core.SAME
-        leaf = "bias" if kind in ("bias", "beta") else "weight"
-        mapping[f"{_hf_module(layer_id, prefix)}.{leaf}"] = (variable, layout)
-    return mapping
+def key_map(model, load_head=True, keys=None):
+    """transformers key -> (variable, Layout) for every weight of `model` (the head a Linear).
+
+    `keys`, the file's tensor names, tell a BitForImageClassification file ("bit." prefix) from a BitModel one.
+    """
+    prefix = PREFIX if keys is None or prefix_of(keys) is None else prefix_of(keys)
+    return core.pytorch_key_map(model, load_head, lambda layer_id: _hf_module(layer_id, prefix), core.OI)
 
 
 def prefix_of(keys):
@@ -78,15 +73,9 @@ def resolution(config):
 
 
 def head_classes(path):
-    with safetensors_io.Reader(path) as reader:
-        key = f"{HEAD}.bias"
-        return reader.shape(key)[0] if key in reader.keys() else None
+    return safetensors_io.head_classes(path, HEAD)
 
 
 def load(model, path, load_head=True):
     """Strictly loads a transformers BiT `.safetensors` file (head tensors skipped unless `load_head`)."""
-    with safetensors_io.Reader(path) as reader:
-        prefix = prefix_of(reader.keys())
-        ignorable = [k for k in reader.keys() if k.startswith(HEAD + ".")] if not load_head else ()
-        core.load_strict(model, reader, key_map(model, load_head, PREFIX if prefix is None else prefix), path,
-                         ignorable)
+    safetensors_io.load(model, path, key_map, HEAD, load_head)

@@ -83,6 +83,8 @@ def head_classes(path):
 def load(model, path, load_head=True):
     """Strictly loads a keras_bit `.weights.h5` (head datasets skipped unless `load_head`)."""
     with Reader(path) as reader:
-        ignorable = [k for k in reader.keys() if k.startswith("layers/dense/")] if not load_head else ()
+        # Files saved after compile() also hold the optimizer state (outside layers/): not model weights.
+        ignorable = [k for k in reader.keys() if not k.startswith("layers/") or (
+            not load_head and k.startswith("layers/dense/"))]
         core.load_strict(model, reader, key_map(model, load_head), path, ignorable,
                          hint=" Was it saved from a keras_bit model of this architecture?")

@@ -53,6 +53,10 @@ class Reader:
 
     def __init__(self, path):
         self.path = path
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                kind = "an HDF5 file (a .weights.h5?)" if f.read(8) == b"\x89HDF\r\n\x1a\n" else "not a zip archive"
+            raise ValueError(f"Could not read checkpoint {path}: it is {kind}, not an .npz (truncated or corrupt?).")
         try:
             self._npz = np.load(path, allow_pickle=False)
             if not isinstance(self._npz, np.lib.npyio.NpzFile):

@@ -1,5 +1,7 @@
 """Reading `.safetensors` files (timm and transformers checkpoints) into NumPy, lazily."""
 
+from keras_bit.weights import core
+
 SUFFIX = ".safetensors"
 
 
@@ -32,5 +34,19 @@ class Reader:
     def read(self, key):
         try:
             return self._file.get_tensor(key)
-        except self._errors as e:  # e.g. bfloat16, which NumPy cannot hold
+        except self._errors as e:
             raise ValueError(f"Could not read tensor {key!r} of {self.path}: {e}") from e
+
+
+def head_classes(path, head_module):
+    """Class count of the head `<head_module>.bias` in a `.safetensors` file, or None if it has none."""
+    with Reader(path) as reader:
+        key = f"{head_module}.bias"
+        return reader.shape(key)[0] if key in reader.keys() else None
+
+
+def load(model, path, key_map_fn, head_module, load_head=True):
+    """Strictly loads a `.safetensors` file; `key_map_fn(model, load_head, keys)` maps its tensors."""
+    with Reader(path) as reader:
+        ignorable = [k for k in reader.keys() if k.startswith(head_module + ".")] if not load_head else ()
+        core.load_strict(model, reader, key_map_fn(model, load_head, reader.keys()), path, ignorable)

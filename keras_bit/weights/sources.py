@@ -48,11 +48,19 @@ class Source:
 
 def parse_hub_handle(handle):
     """`("owner/name", revision or None)` of "hf://owner/name[@revision]"; ValueError naming the handle."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     repo, _, revision = handle[len(HUB_SCHEME):].partition("@")
     parts = repo.split("/")
-    if len(parts) != 2 or not all(parts) or (_ and not revision):
-        raise ValueError(f"A Hugging Face handle is 'hf://<owner>/<repo>' or 'hf://<owner>/<repo>@<revision>'. "
-                         f"Received: weights={handle!r}")
+    problem = len(parts) != 2 or not all(parts) or (_ and not revision)
+    if not problem:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError:
+            problem = True
+    if problem:
+        raise ValueError(f"A Hugging Face handle is 'hf://<owner>/<repo>' or 'hf://<owner>/<repo>@<revision>' "
+                         f"(letters, digits, '-', '_', '.'). Received: weights={handle!r}")
     return repo, revision or None
 
 
@@ -114,11 +122,15 @@ def resolve(weights, model_name=None):
     """
     if weights is None:
         return None
-    preset = presets.find(model_name, weights) if model_name else None
+    preset = weights if isinstance(weights, presets.Preset) else presets.find(model_name, weights) if model_name else None
     if preset is not None:
-        return Source(weights, preset=preset, format="npz", classes=preset.classes, resolution=preset.resolution)
-    if isinstance(weights, presets.Preset):
-        return Source(weights, preset=weights, format="npz", classes=weights.classes, resolution=weights.resolution)
+        if model_name and preset.model != model_name:
+            raise ValueError(f"`weights` is a checkpoint of {preset.model}, not of {model_name}. Received: weights={preset!r}")
+        architecture = None
+        if preset.model in presets.MODEL_NAMES:  # the authors' base width and groups
+            architecture = (preset.architecture.block_units, preset.architecture.width_factor, 64, 32)
+        return Source(weights, preset=preset, format="npz", classes=preset.classes, resolution=preset.resolution,
+                      architecture=architecture)
     if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
         return Source(weights, hub=parse_hub_handle(weights))
     known = ", ".join(repr(n) for n in (None, *presets.weights_names(model_name))) if model_name else "None"
@@ -177,10 +189,13 @@ def _fetch_hub(source, architecture=None):
     if architecture is not None:
         check_architecture(source, architecture)  # before the weights are downloaded
     path = _hub_download(repo, revision, "model.safetensors")
-    found = format_of(path)
-    if found != fmt:
-        raise ValueError(f"hf://{repo}: config.json describes a {fmt} model but model.safetensors holds {found} keys.")
-    return dataclasses.replace(source, path=path)
+    with _delete_hint(path, cached=True):
+        found = format_of(path)
+        if found != fmt:
+            raise ValueError(f"hf://{repo}: config.json describes a {fmt} model but model.safetensors holds {found} keys.")
+        # The head size from the tensors: a transformers config always has labels, even for a BitModel file.
+        classes = head_classes(path, fmt)
+    return dataclasses.replace(source, path=path, classes=classes)
 
 
 def fetch(source, cache_dir=None, architecture=None):
@@ -199,6 +214,8 @@ def fetch(source, cache_dir=None, architecture=None):
     """
     if source.hub is not None:
         return _fetch_hub(source, architecture)
+    if architecture is not None:
+        check_architecture(source, architecture)  # before any download
     if source.preset is not None and source.path is None:
         preset = source.preset
         path = download.fetch(preset.url, preset.filename, CACHE_SUBDIR, cache_dir, preset.size, preset.sha256)
@@ -217,7 +234,9 @@ def _delete_hint(path, cached):
         yield
     except ValueError as e:
         if cached and "corrupt" in str(e):
-            raise ValueError(f"{e} It is a cached download: delete {path} to download it again.") from e
+            # The real file: a Hugging Face snapshot entry is a link to a blob, which must go.
+            real = os.path.realpath(path)
+            raise ValueError(f"{e} It is a cached download: delete {real} to download it again.") from e
         raise
 
 
@@ -248,11 +267,17 @@ def load_weights(model, weights, load_head=True, fmt=None):
         >>> model = keras_bit.BiTM_R50x1(weights=None, classes=21843)
         >>> keras_bit.load_weights(model, "hf://timm/resnetv2_50x1_bit.goog_in21k")
     """
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"`fmt` must be None or one of {sorted(FORMATS)}. Received: fmt={fmt!r}")
     if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
         source = _fetch_hub(resolve(weights))
-    else:
-        path = check_file(weights)
+    elif isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
+        path = os.fsdecode(os.fspath(weights))
+        if fmt is None or not os.path.isfile(path):
+            path = check_file(path)
         source = Source(weights, path=path, format=fmt)
+    else:
+        raise ValueError(f"`weights` must be {FILE_HELP} or an 'hf://<owner>/<repo>' handle. Received: weights={weights!r}")
     # A headless model loads the backbone of a file that has a head.
     load_head = load_head and any(layer.name == "head" for layer in model.layers)
     load_source(model, source, load_head)

@@ -31,18 +31,9 @@ def _module(layer_id):
     return f"stages.{layer_id.block - 1}.blocks.{layer_id.unit - 1}.{unit_module(layer_id)}"
 
 
-def key_map(model, load_head=True):
-    """timm key -> (variable, Layout) for every weight of `model`."""
-    mapping = {}
-    for layer_id, layer, variable in core.model_variables(model, load_head):
-        kind = variable.name  # kernel, bias, gamma, beta
-        if layer_id.kind == "head":
-            layout = core.OI11 if kind == "kernel" else core.SAME
-        else:
-            layout = core.OIHW if kind == "kernel" else core.SAME
-        leaf = "bias" if kind in ("bias", "beta") else "weight"
-        mapping[f"{_module(layer_id)}.{leaf}"] = (variable, layout)
-    return mapping
+def key_map(model, load_head=True, keys=None):
+    """timm key -> (variable, Layout) for every weight of `model` (the head a 1x1 convolution)."""
+    return core.pytorch_key_map(model, load_head, _module, core.OI11)
 
 
 def is_timm(keys):
@@ -69,13 +60,9 @@ def resolution(config):
 
 
 def head_classes(path):
-    with safetensors_io.Reader(path) as reader:
-        key = f"{HEAD}.bias"
-        return reader.shape(key)[0] if key in reader.keys() else None
+    return safetensors_io.head_classes(path, HEAD)
 
 
 def load(model, path, load_head=True):
     """Strictly loads a timm BiT `.safetensors` file (head tensors skipped unless `load_head`)."""
-    with safetensors_io.Reader(path) as reader:
-        ignorable = [k for k in reader.keys() if k.startswith(HEAD + ".")] if not load_head else ()
-        core.load_strict(model, reader, key_map(model, load_head), path, ignorable)
+    safetensors_io.load(model, path, key_map, HEAD, load_head)
