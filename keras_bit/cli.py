@@ -29,7 +29,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.nargs == 0 or "default" in text or action.default is argparse.SUPPRESS:
+        if (action.nargs == 0 or "default" in text or action.default is argparse.SUPPRESS
+                or not action.option_strings or action.required):  # positionals and required options have none
             return text
         return f"{text} (default: %(default)s)".strip()
 
@@ -137,11 +138,12 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="build a BiT model and classify a generated image")
-    p.add_argument("--model", default="BiT-S-R50x1", choices=presets.MODEL_NAMES)
+    p.add_argument("--model", default="BiT-S-R50x1", choices=presets.MODEL_NAMES, metavar="MODEL",
+                   help="a BiT model name")
     p.add_argument("--weights", default="default", type=_weights_arg,
                    help='"default" (the family checkpoint; random if it cannot be fetched), "none", a name, an hf:// handle '
                         "or a path")
-    p.add_argument("--top", type=_positive_int, default=5)
+    p.add_argument("--top", type=_positive_int, default=5, help="how many classes to show")
     p.add_argument("--size", type=_positive_int, default=None, help="image size (default: the model's)")
 
     _add_finetune_parser(sub)
@@ -201,16 +203,16 @@ def _add_other_parsers(sub):
 
     p = sub.add_parser("export", help="export a .keras model as a TF-Serving SavedModel (raw-pixel signatures)")
     p.add_argument("model", help="a .keras file (e.g. a fine-tuning run's model.keras) or a BiT model name")
-    p.add_argument("--export-dir", default="saved_models")
+    p.add_argument("--export-dir", default="saved_models", help="TF Serving root: <export-dir>/<name>/<version>/")
     p.add_argument("--name", default=None, help="folder name (default: the model's name)")
     p.add_argument("--version", type=int, default=None, help="default: the next free version")
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
-    p.add_argument("--top", type=_positive_int, default=5)
+    p.add_argument("--top", type=_positive_int, default=5, help="top-k classes the serving signatures return")
 
     p = sub.add_parser("predict", help="classify image files with a SavedModel, a .keras model or a BiT name")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", required=True, help="SavedModel folder, .keras file or BiT model name")
-    p.add_argument("--top", type=_positive_int, default=5)
+    p.add_argument("--top", type=_positive_int, default=5, help="how many classes to show")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("convert", help="convert any BiT weights (bucket name, hf:// handle, .npz, .safetensors) "
