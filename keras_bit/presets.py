@@ -31,16 +31,18 @@ class Architecture:
     block_units: tuple
     width_factor: int
 
+    @property
+    def spec(self):
+        """`(block_units, width_factor, base_width, groups)`, with the authors' root width 64 and 32 GroupNorm groups."""
+        return (self.block_units, self.width_factor, 64, 32)
 
-ARCHITECTURES = {
-    "R50x1": Architecture((3, 4, 6, 3), 1),
-    "R50x3": Architecture((3, 4, 6, 3), 3),
-    "R101x1": Architecture((3, 4, 23, 3), 1),
-    "R101x3": Architecture((3, 4, 23, 3), 3),
-    "R152x2": Architecture((3, 8, 36, 3), 2),
-    "R152x4": Architecture((3, 8, 36, 3), 4),
-}
+
+# Units per block of each depth.
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+ARCHITECTURES = {
+    f"R{depth}x{width}": Architecture(DEPTHS[depth], width)
+    for depth, width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
+}
 
 # Upstream data set of each family and the `weights=` name its constructors default to.
 FAMILIES = {"BiT-S": "imagenet", "BiT-M": "imagenet21k"}

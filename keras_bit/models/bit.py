@@ -215,13 +215,12 @@ def convert(weights, output_path, model_name):
     folder = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(folder):
         raise ValueError(f"The folder of `output_path` does not exist: {folder}")
-    family, arch_name = presets.split_model_name(model_name)
+    _, arch_name = presets.split_model_name(model_name)
     source = sources.resolve(weights, model_name)
     if source is None:
         raise ValueError("`weights` must name the weights to convert. Received: weights=None")
-    arch = presets.ARCHITECTURES[arch_name]
     # The files first: whether there is a head to convert is known only from them.
-    source = sources.fetch(source, architecture=(arch.block_units, arch.width_factor, 64, 32))
+    source = sources.fetch(source, architecture=presets.ARCHITECTURES[arch_name].spec)
     model = BiT(model_name, include_top=source.classes is not None, weights=source.path, input_shape=(None, None, 3))
     model.save_weights(output_path)
     return model

@@ -30,7 +30,6 @@ model.fit(data_from(step), initial_epoch=step // steps_per_epoch, epochs=total /
 """
 
 import errno
-import hashlib
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ import keras
 import numpy as np
 
 from keras_bit.validation import check_positive_int
+from keras_bit.weights.download import sha256_of
 
 logger = logging.getLogger("keras_bit")
 
@@ -166,19 +166,11 @@ def _remove_temp_files(folder):
             _remove(path)
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_digest(weights_path, digest_path):
     """Writes the sha256 of `weights_path` beside it, atomically: HDF5 cannot see a flipped byte in its data."""
     temp = os.path.join(os.path.dirname(digest_path), _TEMP_PREFIX + os.path.basename(digest_path))
     with open(temp, "w") as f:
-        f.write(_sha256(weights_path) + "\n")
+        f.write(sha256_of(weights_path) + "\n")
     _fsync(temp)
     os.replace(temp, digest_path)
 
@@ -189,7 +181,7 @@ def _check_digest(path):
             expected = f.read().strip()
     except OSError as e:
         raise ValueError(f"its digest {os.path.basename(path)}{_DIGEST_SUFFIX} cannot be read ({_one_line(e)})") from e
-    if _sha256(path) != expected:
+    if sha256_of(path) != expected:
         raise ValueError("its content does not match its sha256 digest (the file changed after it was written)")
 
 

@@ -41,6 +41,7 @@ def cached_path(filename, cache_subdir, cache_dir=None):
 
 
 def sha256_of(path):
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
@@ -53,8 +54,9 @@ def verify(path, size=None, sha256=None):
     actual = os.path.getsize(path)
     if size is not None and actual != size:
         return f"{actual} bytes, expected {size}"
-    if sha256 is not None and sha256_of(path) != sha256:
-        return f"sha256 {sha256_of(path)}, expected {sha256}"
+    digest = sha256_of(path) if sha256 is not None else None
+    if digest != sha256:
+        return f"sha256 {digest}, expected {sha256}"
     return None
 
 

@@ -50,9 +50,9 @@ def parse_hub_handle(handle):
     """`("owner/name", revision or None)` of "hf://owner/name[@revision]"; ValueError naming the handle."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    repo, _, revision = handle[len(HUB_SCHEME):].partition("@")
+    repo, at, revision = handle[len(HUB_SCHEME):].partition("@")
     parts = repo.split("/")
-    problem = len(parts) != 2 or not all(parts) or (_ and not revision)
+    problem = len(parts) != 2 or not all(parts) or (at and not revision)
     if not problem:
         try:
             validate_repo_id(repo)
@@ -64,16 +64,15 @@ def parse_hub_handle(handle):
     return repo, revision or None
 
 
-def format_of(path, keys=None):
+def format_of(path):
     """The format of a local weights file, from its suffix (and tensor names for .safetensors)."""
     if path.endswith(npz.SUFFIX):
         return "npz"
     if path.endswith(keras_h5.SUFFIX):
         return "keras"
     if path.endswith(safetensors_io.SUFFIX):
-        if keys is None:
-            with safetensors_io.Reader(path) as reader:
-                keys = set(reader.keys())
+        with safetensors_io.Reader(path) as reader:
+            keys = set(reader.keys())
         if timm.is_timm(keys):
             return "timm"
         if hf.prefix_of(keys) is not None:
@@ -126,9 +125,7 @@ def resolve(weights, model_name=None):
     if preset is not None:
         if model_name and preset.model != model_name:
             raise ValueError(f"`weights` is a checkpoint of {preset.model}, not of {model_name}. Received: weights={preset!r}")
-        architecture = None
-        if preset.model in presets.MODEL_NAMES:  # the authors' base width and groups
-            architecture = (preset.architecture.block_units, preset.architecture.width_factor, 64, 32)
+        architecture = preset.architecture.spec if preset.model in presets.MODEL_NAMES else None
         return Source(weights, preset=preset, format="npz", classes=preset.classes, resolution=preset.resolution,
                       architecture=architecture)
     if isinstance(weights, str) and weights.startswith(HUB_SCHEME):

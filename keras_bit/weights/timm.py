@@ -47,7 +47,7 @@ def architecture(config, source):
     if match is None:
         raise ValueError(f"{source} is not a timm BiT model: its config.json names architecture={name!r}, "
                          "expected resnetv2_<50|101|152>x<1-4>_bit.")
-    return presets.DEPTHS[int(match["depth"])], int(match["width"]), 64, 32
+    return presets.Architecture(presets.DEPTHS[int(match["depth"])], int(match["width"])).spec
 
 
 def classes(config):
