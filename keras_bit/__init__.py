@@ -51,8 +51,10 @@ _TENSORFLOW_EXPORTS = {
     "FinetuneResult": "keras_bit.train.finetune",
     "MultiWorkerStrategy": "keras_bit.train.distribute",
     "tpu_strategy": "keras_bit.train.distribute",
+    "export_model": "keras_bit.export",
     "export_saved_model": "keras_bit.export",
     "fold_standardization": "keras_bit.export",
+    "load_exported": "keras_bit.export",
 }
 # Modules reachable as attributes (`keras_bit.hyperrule.BiTSchedule`).
 _MODULES = {

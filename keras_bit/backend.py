@@ -9,7 +9,7 @@ import importlib
 
 
 class BackendError(ImportError):
-    """A TensorFlow-only feature was used without TensorFlow, or under another Keras backend."""
+    """A feature was used without the backend or optional package it needs (e.g. TensorFlow, onnxruntime)."""
 
 
 def tensorflow(feature):
@@ -30,3 +30,15 @@ def tensorflow(feature):
         return importlib.import_module("tensorflow")
     except ImportError as e:
         raise BackendError(f"{feature} needs TensorFlow: pip install 'keras-bit[tensorflow]'.") from e
+
+
+def require(module, feature, extra):
+    """Imports `module` for `feature`, or raises `BackendError` naming the pip extra that provides it.
+
+    Example:
+        >>> ort = require("onnxruntime", "Running ONNX exports", "export")
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise BackendError(f"{feature} needs the {module!r} package: pip install 'keras-bit[{extra}]'.") from e

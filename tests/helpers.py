@@ -220,3 +220,39 @@ def assert_safetensors_refused(path, tensors, message):
     model = tiny_model(classes=10)
     error = assert_refused(model, lambda: keras_bit.load_weights(model, path), message)
     assert str(path) in str(error)
+
+
+# --- Exports: a tiny classifier whose outputs depend on the input, and images to feed it. ---
+
+EXPORT_CLASSES = [f"class_{i}" for i in range(5)]
+
+
+def export_classifier(tmp_path, **kwargs):
+    """A tiny 5-class model with a random head (so outputs vary with the input), loaded from an .npz."""
+    tiny_checkpoint(tmp_path / "classifier.npz", classes=5, seed=4)
+    return tiny_model(weights=str(tmp_path / "classifier.npz"), **kwargs)
+
+
+def uint8_images(rng, n, height, width):
+    return rng.integers(0, 256, size=(n, height, width, 3), dtype=np.uint8)
+
+
+def keras_probabilities(model, images, size=TINY_SIZE):
+    """The Keras model on uint8 `images` resized (bilinear, float) to `size`: what every export must return."""
+    import tensorflow as tf
+
+    x = tf.image.resize(tf.cast(images, tf.float32), (size, size))
+    return model.predict(keras_bit.preprocess_input(x.numpy()), verbose=0)
+
+
+def encode(image, fmt, **options):
+    """`image` (uint8 HxWx3) encoded by Pillow as `fmt` (JPEG at quality 95, 4:4:4 unless told)."""
+    import io
+
+    from PIL import Image
+
+    if fmt == "JPEG":
+        options = {"quality": 95, "subsampling": 0, **options}
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **options)
+    return buffer.getvalue()

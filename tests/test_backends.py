@@ -56,7 +56,7 @@ print(json.dumps([keras.backend.backend(), steps]))
 
 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
-@pytest.mark.parametrize("name", ["finetune", "export_saved_model"])
+@pytest.mark.parametrize("name", ["finetune", "export_saved_model", "export_model"])
 def test_tensorflow_features_raise_backend_error(backend, name):
     code = f"""
 import json

@@ -7,7 +7,9 @@ Cases tested elsewhere, by the module that owns them:
   half-loaded): test_checkpoints.py;
 - data (empty folder, non-image files, a class below K examples, labels out of
   range): test_data.py;
-- serving (corrupt bytes, wrong dtype/rank, empty batch, huge images): test_export.py;
+- serving and deployment (corrupt bytes, decompression bombs, wrong dtype/rank, empty batch, bad names and
+  versions, overwriting): test_export_saved_model.py, test_export_image_decode.py, test_export_formats.py;
+- `keras-bit predict` / `export` (bad files among good ones, folders, missing models): test_predict.py;
 - fine-tuning (missing output-dir parent, resuming with other settings): test_finetune.py.
 """
 

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from keras_bit.console import native_stderr_silenced
-from keras_bit.validation import check_positive_int
+from keras_bit.validation import check_class_names, check_positive_int
 from keras_bit.backend import tensorflow as _tensorflow
 
 tf = _tensorflow("Fine-tuning")
@@ -108,22 +108,6 @@ def _infer_num_classes(labels):
             "`keras_bit.data.from_arrays(images, labels, class_names=classes)`."
         )
     return len(distinct)
-
-
-def check_class_names(names, num_classes, where="class names"):
-    """Class names must be `num_classes` distinct, non-empty, single-line strings (one per line in class_names.txt)."""
-    names = [str(n) if isinstance(n, (np.str_, np.integer)) else n for n in names]
-    if len(names) != num_classes:
-        raise ValueError(f"{where}: {len(names)} names for {num_classes} classes.")
-    for name in names:
-        if not isinstance(name, str) or not name.strip() or "\n" in name or "\r" in name:
-            raise ValueError(
-                f"{where}: every class name must be a non-empty single-line string. Received: {name!r}"
-            )
-    if len(set(names)) != len(names):
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"{where}: class names must be distinct. Repeated: {duplicates[:5]}")
-    return names
 
 
 def _as_uint8(images, where):

@@ -1,0 +1,23 @@
+"""Exporting keras_bit models for deployment (TensorFlow only).
+
+- `export_model(model, path, format=...)`: TF SavedModel, LiteRT, ONNX or OpenVINO;
+  uint8 pixels in, probabilities out, preprocessing inside (formats.py).
+- `export_saved_model(model, export_dir)`: TF Serving's `<name>/<version>/` layout
+  with raw-pixel and encoded-bytes signatures (saved_model.py).
+- `load_exported(path)`: run any export with its own runtime (runtimes.py).
+- Bounded decoding of untrusted image bytes (image_decode.py).
+"""
+
+from keras_bit.backend import tensorflow as _tensorflow
+
+_tensorflow("Model export")  # BackendError (not ModuleNotFoundError) without TensorFlow or on another backend
+
+from keras_bit.export.formats import EXTENSIONS, FORMATS, QUANTIZATIONS, ExportError, export_model  # noqa: E402
+from keras_bit.export.runtimes import Exported, load_exported  # noqa: E402
+from keras_bit.export.saved_model import DEFAULT_EXPORT_DIR, DEFAULT_MAX_PIXELS, export_saved_model  # noqa: E402
+from keras_bit.export.serving import (  # noqa: E402
+    fold_standardization, imagenet_class_names, labels_path, next_version, read_labels, serving_model)
+
+__all__ = ["DEFAULT_EXPORT_DIR", "DEFAULT_MAX_PIXELS", "EXTENSIONS", "FORMATS", "QUANTIZATIONS", "ExportError",
+           "Exported", "export_model", "export_saved_model", "fold_standardization", "imagenet_class_names",
+           "labels_path", "load_exported", "next_version", "read_labels", "serving_model"]

@@ -1,0 +1,176 @@
+"""One export entry point for every deployment format: TF SavedModel, LiteRT, ONNX and OpenVINO.
+
+Each format holds the same function, `serving.serving_model`: uint8 pixels
+`[batch, height, width, 3]` of any size in, `probabilities` (then
+`top_k_indices`, `top_k_scores`) out, preprocessing inside. LiteRT, ONNX and
+OpenVINO are written by Keras itself (`keras.Model.export`); the SavedModel
+adds an encoded-bytes signature for TF Serving (see `saved_model`).
+
+Class names go to a text file (one per line) that `keras-bit predict` and
+`load_exported` read: `<path>.labels.txt` beside a LiteRT / ONNX / OpenVINO
+file, `assets.extra/class_names.txt` inside a SavedModel (TF Serving's folder
+for extra files; the SavedModel also returns them as `top_k_labels`).
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+
+from keras_bit.backend import require
+from keras_bit.backend import tensorflow as _tensorflow
+from keras_bit.export import saved_model, serving
+
+tf = _tensorflow("Model export")
+
+logger = logging.getLogger("keras_bit")
+
+FORMATS = ("tf_saved_model", "litert", "onnx", "openvino")
+QUANTIZATIONS = (None, "float16", "int8")
+EXTENSIONS = {"litert": ".tflite", "onnx": ".onnx", "openvino": ".xml"}
+# Python packages each format's writer needs (the `export` extra installs them and the runtimes).
+_WRITERS = {"onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
+
+
+def _check_arguments(path, format, quantization, representative_data):
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}. Received: format={format!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"`quantization` must be one of {QUANTIZATIONS}. Received: quantization={quantization!r}")
+    if quantization is not None and format != "litert":
+        raise ValueError(f"`quantization` is only available for format='litert'. Received: format={format!r}, "
+                         f"quantization={quantization!r}")
+    if quantization == "int8" and representative_data is None:
+        raise ValueError("quantization='int8' needs `representative_data`: uint8 images [n, height, width, 3] "
+                         "(a few hundred typical inputs) to calibrate the integer ranges.")
+    if representative_data is not None and quantization != "int8":
+        raise ValueError("`representative_data` is only used with quantization='int8'.")
+    extension = EXTENSIONS.get(format)
+    if extension and not os.fspath(path).lower().endswith(extension):
+        raise ValueError(f"A {format} export is a '{extension}' file. Received: path={os.fspath(path)!r}")
+    for module in _WRITERS.get(format, ()):
+        require(module, f"{format} export", "export")
+
+
+class ExportError(RuntimeError):
+    """The converter produced an artifact its own runtime cannot run (nothing is written)."""
+
+
+# Runs a LiteRT file on one input in a child process: a broken model aborts the interpreter (no Python error).
+_SMOKE_TEST = (
+    "import sys, numpy as np\n"
+    "from ai_edge_litert.interpreter import Interpreter\n"
+    "Interpreter(model_path=sys.argv[1]).get_signature_runner()(images=np.load(sys.argv[2]))\n"
+)
+
+
+def _check_litert_runs(path, image):
+    """Raises ExportError when the LiteRT file at `path` crashes its interpreter on `image` (`[1, h, w, 3]`)."""
+    try:
+        import ai_edge_litert  # noqa: F401
+    except ImportError:
+        logger.warning("ai-edge-litert is not installed: the int8 model was not test-run (pip install "
+                       "'keras-bit[export]').")
+        return
+    sample = os.path.join(os.path.dirname(path), "sample.npy")
+    np.save(sample, image)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _SMOKE_TEST, path, sample], capture_output=True, text=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=600)
+    except subprocess.TimeoutExpired:
+        proc = subprocess.CompletedProcess([], "timed out after 600 s", "", "")
+    finally:
+        os.remove(sample)
+    if proc.returncode != 0:
+        detail = (proc.stderr or "").strip().splitlines()[-1:] or ["no message"]
+        raise ExportError(
+            f"the int8 LiteRT model fails in the LiteRT interpreter on a representative image (exit status "
+            f"{proc.returncode}: {detail[0][:200]}), so it was not written. Export with quantization='float16' "
+            "(or none) instead; benchmarks/RESULTS.md records where this happens.")
+
+
+def _representative(data):
+    """The LiteRT calibration generator: one uint8 image per step from a `[n, h, w, 3]` array."""
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] != 3 or not len(data):
+        raise ValueError(f"`representative_data` must be uint8 images [n, height, width, 3] with n > 0. "
+                         f"Received: an array of dtype {data.dtype} and shape {data.shape}")
+    return lambda: ([image[None]] for image in data)
+
+
+def _litert_options(quantization, representative_data):
+    if quantization == "float16":
+        return {"optimizations": [tf.lite.Optimize.DEFAULT], "target_spec": {"supported_types": [tf.float16]}}
+    if quantization == "int8":
+        # Full integer: every op in int8 (uint8 pixels in, float probabilities out via dequantize).
+        return {"optimizations": [tf.lite.Optimize.DEFAULT],
+                "representative_dataset": _representative(representative_data),
+                "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]}}
+    return {}
+
+
+def export_model(model, path, format="tf_saved_model", *, class_names=None, quantization=None,
+                 representative_data=None, top_k=5, image_size=None, activation="auto", overwrite=False,
+                 max_pixels=saved_model.DEFAULT_MAX_PIXELS, jpeg_dct_scaling=False):
+    """Exports a keras_bit classifier for deployment; every format takes uint8 pixels and returns probabilities.
+
+    Args:
+        model: a keras_bit classifier (any head: logits get a softmax, a
+            softmax / sigmoid head keeps its own activation).
+        path: the artifact: a folder for "tf_saved_model", a `.tflite`,
+            `.onnx` or `.xml` (+ `.bin`) file for the others.
+        format: "tf_saved_model" (TF Serving: pixel and encoded-bytes
+            signatures), "litert" (TFLite), "onnx" or "openvino".
+        class_names: list of names in label order (SavedModel: `top_k_labels`;
+            others: `<path>.labels.txt`); default ImageNet names for
+            1000/21843-class heads when available.
+        quantization: LiteRT only: None (float32), "float16" (weights), or
+            "int8" (full integer, calibrated on `representative_data`).
+        representative_data: uint8 images `[n, height, width, 3]` for int8.
+        top_k: how many classes `top_k_indices` / `top_k_scores` hold.
+        image_size: `(height, width)` inputs are resized to (default: the
+            model's input size; required when it is not fixed).
+        activation: "auto", "softmax" or "none" (see `serving.needs_softmax`).
+        overwrite: replace an existing export at `path`.
+        max_pixels: SavedModel bytes signature: largest image decoded.
+        jpeg_dct_scaling: SavedModel bytes signature: decode large JPEGs at
+            reduced scale (see `saved_model.export_saved_model`).
+
+    Returns:
+        `path`, absolute.
+
+    Example:
+        >>> export_model(model, "bit.onnx", format="onnx", class_names=names)
+        >>> runner = keras_bit.export.load_exported("bit.onnx")
+    """
+    _check_arguments(path, format, quantization, representative_data)
+    served = serving.serving_model(model, image_size, top_k, activation)
+    classes = int(model.output_shape[-1])
+    class_names = serving.check_class_names(class_names, classes)
+    if class_names is None:
+        class_names = serving.imagenet_class_names(classes)
+    targets = [path] if format == "tf_saved_model" else [path, serving.labels_path(path, format)]
+    targets += [os.path.splitext(path)[0] + ".bin"] if format == "openvino" else []
+    existing = [os.fspath(t) for t in targets if os.path.lexists(t)]
+    if existing and not overwrite:  # refused before the (slow) conversion
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace")
+
+    def write(tmp):
+        if format == "tf_saved_model":
+            saved_model.save(served, tmp, class_names, max_pixels, jpeg_dct_scaling)
+        else:
+            # Keras' ONNX writer refuses a model that was never called.
+            served(np.zeros((1, *served.get_layer("classify").input_shape[1:3], 3), np.uint8))
+            with warnings.catch_warnings():  # tf2onnx's NumPy 2 deprecation notices are not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                served.export(tmp, format=format, verbose=False, **_litert_options(quantization, representative_data))
+            if quantization == "int8":
+                _check_litert_runs(tmp, np.asarray(representative_data)[:1])
+        serving.write_labels(tmp, format, class_names)
+
+    path = serving.write_atomically(path, write, overwrite=overwrite, replaces=targets[1:])
+    logger.info("Exported %s as %s to %s", model.name, format, path)
+    return path

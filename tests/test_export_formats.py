@@ -1,0 +1,145 @@
+"""LiteRT, ONNX and OpenVINO exports run with their own runtimes and equal the Keras model."""
+
+import os
+
+import numpy as np
+import pytest
+
+from helpers import EXPORT_CLASSES, encode, export_classifier, keras_probabilities, uint8_images
+from keras_bit.export import export_model, load_exported
+from keras_bit.export.runtimes import check_images
+
+FLOAT_FORMATS = {"litert": "model.tflite", "onnx": "model.onnx", "openvino": "model.xml",
+                 "tf_saved_model": "saved_model"}
+RUNTIMES = {"litert": "ai_edge_litert", "onnx": "onnxruntime", "openvino": "openvino", "tf_saved_model": "tensorflow"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return export_classifier(tmp_path_factory.mktemp("model"))
+
+
+@pytest.mark.parametrize("fmt", list(FLOAT_FORMATS))
+def test_every_format_equals_the_keras_model(model, tmp_path, rng, fmt):
+    pytest.importorskip(RUNTIMES[fmt])
+    path = export_model(model, tmp_path / FLOAT_FORMATS[fmt], fmt, class_names=EXPORT_CLASSES, top_k=3)
+    exported = load_exported(path)
+    assert exported.format == fmt and exported.class_names == EXPORT_CLASSES
+    for images in (uint8_images(rng, 2, 64, 64), uint8_images(rng, 3, 91, 47), uint8_images(rng, 1, 20, 200)):
+        out = exported(images)
+        expected = keras_probabilities(model, images)
+        assert np.ptp(expected) > 1e-3  # the outputs depend on the input: agreement means something
+        assert list(out)[0] == "probabilities" and set(out) == {"probabilities", "top_k_indices", "top_k_scores"}
+        np.testing.assert_allclose(out["probabilities"], expected, atol=1e-4)
+        np.testing.assert_array_equal(out["top_k_indices"], np.argsort(-expected, axis=1, kind="stable")[:, :3])
+        np.testing.assert_allclose(out["top_k_scores"], np.sort(expected, axis=1)[:, ::-1][:, :3], atol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["float16", "int8"])
+def test_quantized_litert_is_smaller_and_close(model, tmp_path, rng, quantization):
+    pytest.importorskip("ai_edge_litert")
+    calibration = uint8_images(rng, 16, 64, 64) if quantization == "int8" else None
+    float32 = export_model(model, tmp_path / "float32.tflite", "litert")
+    quantized = export_model(model, tmp_path / f"{quantization}.tflite", "litert", quantization=quantization,
+                             representative_data=calibration)
+    ratio = os.path.getsize(quantized) / os.path.getsize(float32)
+    assert ratio < (0.6 if quantization == "float16" else 0.35), ratio
+    images = uint8_images(rng, 8, 64, 64)
+    reference = load_exported(float32)(images)["probabilities"]
+    out = load_exported(quantized)(images)["probabilities"]
+    assert out.shape == reference.shape and np.isfinite(out).all()
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=0.02)
+    # float16 weights barely move the outputs; int8 is coarser on a random tiny network.
+    assert np.abs(out - reference).max() < (0.01 if quantization == "float16" else 0.25)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(format="tflite"), ValueError, r"`format` must be one of \('tf_saved_model', 'litert', 'onnx', 'openvino'\)"),
+    (dict(format="onnx", path="model.tflite"), ValueError, r"A onnx export is a '\.onnx' file"),
+    (dict(format="onnx", quantization="int8"), ValueError, "only available for format='litert'"),
+    (dict(quantization="int4"), ValueError, "`quantization` must be one of"),
+    (dict(quantization="int8"), ValueError, "quantization='int8' needs `representative_data`"),
+    (dict(representative_data=np.zeros((1, 8, 8, 3), np.uint8)), ValueError, "only used with quantization='int8'"),
+    (dict(quantization="int8", representative_data=np.zeros((4, 8, 8), np.uint8)), ValueError,
+     r"`representative_data` must be uint8 images \[n, height, width, 3\]"),
+    (dict(class_names="abcde"), TypeError, "`class_names` must be a list of strings"),
+    (dict(top_k=-3), ValueError, "`top_k` must be a positive integer"),
+])
+def test_argument_errors_write_nothing(model, tmp_path, kwargs, error, message):
+    kwargs = {"format": "litert", "path": "model.tflite", **kwargs}
+    path = tmp_path / kwargs.pop("path")
+    with pytest.raises(error, match=message):
+        export_model(model, path, **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_files_are_never_replaced_without_overwrite(model, tmp_path, rng):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"someone else's file")
+    with pytest.raises(FileExistsError, match=r"model\.onnx already exist.*overwrite=True"):
+        export_model(model, path, "onnx")
+    assert path.read_bytes() == b"someone else's file"
+    export_model(model, path, "onnx", overwrite=True, class_names=EXPORT_CLASSES)
+    assert load_exported(path).class_names == EXPORT_CLASSES
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.labels.txt"]  # no temporary left over
+
+
+def test_overwriting_drops_the_old_class_names(model, tmp_path, rng):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    export_model(model, path, "onnx", class_names=EXPORT_CLASSES)
+    export_model(model, path, "onnx", overwrite=True)  # this model has no names: the old ones must not stay
+    assert os.listdir(tmp_path) == ["model.onnx"] and load_exported(path).class_names is None
+
+
+def test_a_folder_that_is_not_a_saved_model_is_never_replaced(model, tmp_path):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is a folder that is not a SavedModel; it is never replaced"):
+        export_model(model, tmp_path / "project", "tf_saved_model", overwrite=True)
+    assert (tmp_path / "project" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["project"]
+
+
+def test_the_artifacts_list_probabilities_first(model, tmp_path):
+    """Output order inside each file (not only in `load_exported`'s dict): what a user of the raw runtime sees."""
+    ort = pytest.importorskip("onnxruntime")
+    ov = pytest.importorskip("openvino")
+    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    onnx_path = export_model(model, tmp_path / "m.onnx", "onnx")
+    assert ort.InferenceSession(onnx_path).get_outputs()[0].name == "probabilities"
+    xml = export_model(model, tmp_path / "m.xml", "openvino")
+    assert "probabilities" in ov.Core().read_model(xml).outputs[0].names
+    tflite = export_model(model, tmp_path / "m.tflite", "litert")
+    signature = litert.Interpreter(model_path=tflite).get_signature_list()["serving_default"]
+    assert signature == {"inputs": ["images"], "outputs": ["probabilities", "top_k_indices", "top_k_scores"]}
+
+
+def test_a_failed_export_leaves_nothing(model, tmp_path, monkeypatch):
+    import keras
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(keras.Model, "export", fail)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        export_model(model, tmp_path / "model.tflite", "litert", class_names=EXPORT_CLASSES)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("images", [np.zeros((64, 64, 3), np.uint8), np.zeros((1, 64, 64, 4), np.uint8),
+                                    np.zeros((1, 64, 64, 3), np.float32), [[1, 2, 3]]])
+def test_exports_refuse_wrong_pixels_naming_the_expected_input(images):
+    with pytest.raises(ValueError, match=r"`images` must be uint8 pixels \[batch, height, width, 3\]"):
+        check_images(images)
+
+
+def test_load_exported_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No exported model at"):
+        load_exported(tmp_path / "missing.onnx")
+    (tmp_path / "photo.png").write_bytes(encode(np.zeros((4, 4, 3), np.uint8), "PNG"))
+    with pytest.raises(ValueError, match="is not an export: expected a SavedModel folder"):
+        load_exported(tmp_path / "photo.png")
+    with pytest.raises(ValueError, match="is not an export"):
+        load_exported(tmp_path)
