@@ -4,7 +4,8 @@ Examples:
     keras-bit finetune --data cifar10 --weights imagenet21k --batch-size 128
     keras-bit report bit_finetune                    # redraw bit_finetune/summary.png
     keras-bit export bit_finetune/model.keras --class-names bit_finetune/class_names.txt
-    keras-bit predict cat.jpg dog.png --model saved_models/bit_m_r50x1/1 --top 3
+    keras-bit export bit_finetune/model.keras --format onnx --output bit.onnx
+    keras-bit predict cat.jpg photos/ --model saved_models/bit_m_r50x1/1 --top 3
     keras-bit demo                                   # build BiT-S-R50x1, classify a generated image
     keras-bit convert BiT-M-R50x1.npz bit.weights.h5 --model BiT-M-R50x1
 """
@@ -195,24 +196,46 @@ def _add_finetune_parser(sub):
     p.add_argument("--quiet", action="store_true", help="print only the result and warnings")
 
 
-
 def _add_other_parsers(sub):
     p = sub.add_parser("report", help="redraw a fine-tuning run's summary.png (curves and confusion matrix)")
     p.add_argument("run_dir", help="the run's --output-dir")
     p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/summary.png)")
 
-    p = sub.add_parser("export", help="export a .keras model as a TF-Serving SavedModel (raw-pixel signatures)")
+    p = sub.add_parser("export", help="export a .keras model for serving: TF SavedModel (default), LiteRT, ONNX "
+                                      "or OpenVINO; uint8 pixels in, probabilities out")
     p.add_argument("model", help="a .keras file (e.g. a fine-tuning run's model.keras) or a BiT model name")
-    p.add_argument("--export-dir", default="saved_models", help="TF Serving root: <export-dir>/<name>/<version>/")
-    p.add_argument("--name", default=None, help="folder name (default: the model's name)")
-    p.add_argument("--version", type=int, default=None, help="default: the next free version")
+    p.add_argument("--format", default="tf_saved_model", choices=("tf_saved_model", "litert", "onnx", "openvino"),
+                   help="artifact format")
+    p.add_argument("--output", default=None,
+                   help="artifact path (a folder for tf_saved_model; a .tflite / .onnx / .xml file otherwise). "
+                        "default: <export-dir>/<name>/<version>/ for tf_saved_model, ./<name>.<ext> otherwise")
+    p.add_argument("--export-dir", default=None,
+                   help="TF Serving root for tf_saved_model without --output (default: saved_models)")
+    p.add_argument("--name", default=None, help="folder / file name (default: the model's name)")
+    p.add_argument("--version", type=_positive_int, default=None,
+                   help="TF Serving version folder (default: the next free one)")
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
-    p.add_argument("--top", type=_positive_int, default=5, help="top-k classes the serving signatures return")
+    p.add_argument("--top", type=_positive_int, default=5, help="top-k classes the export returns")
+    p.add_argument("--quantization", default=None, choices=("float16", "int8"),
+                   help="LiteRT only: float16 weights, or full-integer int8 (needs --representative-data)")
+    p.add_argument("--representative-data", default=None,
+                   help="int8: a folder of typical images to calibrate on (a few hundred)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="tf_saved_model: largest image the bytes signature decodes, height x width "
+                        "(default: 40000000)")
+    p.add_argument("--jpeg-dct-scaling", action="store_true",
+                   help="tf_saved_model: decode large JPEGs at 1/2-1/8 scale (faster; not the same pixels)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
-    p = sub.add_parser("predict", help="classify image files with a SavedModel, a .keras model or a BiT name")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--model", required=True, help="SavedModel folder, .keras file or BiT model name")
+    p = sub.add_parser("predict", help="classify image files (or folders of them) with an export, a .keras "
+                                       "model or a BiT name")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, BMP, WebP) or folders of them")
+    p.add_argument("--model", required=True,
+                   help="SavedModel folder, .tflite / .onnx / .xml export, .keras file or BiT model name")
     p.add_argument("--top", type=_positive_int, default=5, help="how many classes to show")
+    p.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="largest image decoded, height x width; larger files are reported, not decoded "
+                        "(default: 40000000)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("convert", help="convert any BiT weights (bucket name, hf:// handle, .npz, .safetensors) "
@@ -221,6 +244,7 @@ def _add_other_parsers(sub):
                                  "handle, or an .npz / .weights.h5 / timm or transformers .safetensors file")
     p.add_argument("output", help="destination .weights.h5")
     p.add_argument("--model", required=True, choices=presets.MODEL_NAMES, help="architecture of the checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _finetune(args):
@@ -254,33 +278,97 @@ def _report(args):
 
 
 def _export(args):
-    from keras_bit.export import export_saved_model
+    from keras_bit.export import DEFAULT_EXPORT_DIR, DEFAULT_MAX_PIXELS, EXTENSIONS, export_model, export_saved_model
+    from keras_bit.export.serving import check_plain_name, input_size
     from keras_bit.predict import load_model, read_class_names
 
-    model = load_model(args.model)
+    _check_export_flags(args)
     names = read_class_names(args.class_names) if args.class_names else None
-    print(export_saved_model(model, args.export_dir, name=args.name, version=args.version,
-                             class_names=names, top_k=args.top))
+    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
+    model = load_model(args.model)
+    representative = None
+    if args.representative_data:
+        representative = _representative_images(args, input_size(model), max_pixels)
+    if args.format == "tf_saved_model" and args.output is None:
+        path = export_saved_model(model, args.export_dir or DEFAULT_EXPORT_DIR, name=args.name, version=args.version,
+                                  class_names=names, top_k=args.top, max_pixels=max_pixels,
+                                  jpeg_dct_scaling=args.jpeg_dct_scaling)
+    else:
+        output = args.output or check_plain_name(args.name or model.name, "--name") + EXTENSIONS[args.format]
+        path = export_model(model, output, args.format, class_names=names, quantization=args.quantization,
+                            representative_data=representative, top_k=args.top, overwrite=args.overwrite,
+                            max_pixels=max_pixels, jpeg_dct_scaling=args.jpeg_dct_scaling)
+    print(path)
+
+
+def _check_export_flags(args):
+    """Flags that the chosen format would ignore are refused (exit 2) before anything is loaded."""
+    serving_layout = args.format == "tf_saved_model" and args.output is None
+    unused = []
+    if args.format != "tf_saved_model":
+        unused += [f for f, v in (("--max-pixels", args.max_pixels), ("--jpeg-dct-scaling", args.jpeg_dct_scaling))
+                   if v]
+    if args.format != "litert":
+        unused += [f for f, v in (("--quantization", args.quantization),
+                                  ("--representative-data", args.representative_data)) if v]
+    elif args.representative_data and args.quantization != "int8":
+        unused.append("--representative-data (only with --quantization int8)")
+    if not serving_layout:
+        unused += [f for f, v in (("--export-dir", args.export_dir), ("--version", args.version)) if v is not None]
+        if args.output is not None and args.name is not None:
+            unused.append("--name (the name is --output's)")
+    elif args.overwrite:
+        unused.append("--overwrite (TF Serving versions are never overwritten; a new version is written)")
+    if unused:
+        where = f"--format {args.format}" + ("" if serving_layout or args.output is None else " with --output")
+        raise ValueError(f"{', '.join(unused)}: not used by {where}")
+
+
+def _representative_images(args, size, max_pixels):
+    """uint8 images from --representative-data resized to `size` (unreadable files named, then skipped)."""
+    import tensorflow as tf
+
+    from keras_bit.predict import decode_file, expand_paths
+
+    if not os.path.isdir(args.representative_data):
+        raise ValueError(f"--representative-data must be a folder of images. Received: {args.representative_data}")
+    images = []
+    for path in expand_paths([args.representative_data]):
+        try:
+            image = decode_file(path, max_pixels)
+        except (ValueError, OSError) as e:
+            print(f"keras-bit export: skipping {path}: {e}", file=sys.stderr)
+            continue
+        images.append(tf.cast(tf.round(tf.image.resize(image, size)), tf.uint8).numpy())
+    if not images:
+        raise ValueError(f"--representative-data {args.representative_data}: no readable images")
+    return np.stack(images)
 
 
 def _predict(args):
     from keras_bit.predict import predict_files
 
-    results = predict_files(args.images, args.model, top=args.top)
+    results = predict_files(args.images, args.model, top=args.top, max_pixels=args.max_pixels)
+    failed = [item for item in results if "error" in item]
+    for item in failed:
+        print(f"keras-bit predict: error: {item['image']}: {item['error']}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
-        return
-    for item in results:
-        print(item["image"])
-        for entry in item["top"]:
-            label = f"  {entry['label']}" if entry.get("label") is not None else ""
-            print(f"  {entry['score']:.4f}  class {entry['index']}{label}")
+    else:
+        for item in results:
+            if "top" not in item:
+                continue
+            print(item["image"])
+            for entry in item["top"]:
+                label = f"  {entry['label']}" if entry.get("label") is not None else ""
+                print(f"  {entry['score']:.4f}  class {entry['index']}{label}")
+    return 1 if failed else 0
 
 
 def _convert(args):
     from keras_bit.models.bit import convert
 
-    convert(args.input, args.output, args.model)
+    convert(args.input, args.output, args.model, overwrite=args.overwrite)
     print(f"Wrote {args.output}")
 
 
@@ -322,7 +410,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         with _console_logging(quiet=getattr(args, "quiet", False)):
-            _COMMANDS[args.command](args)
+            status = _COMMANDS[args.command](args) or 0
     except (ValueError, OSError, BackendError) as e:
         from keras_bit.train.plan import RunMismatchError
 
@@ -334,13 +422,17 @@ def main(argv=None):
         return 130
     except Exception as e:
         tf = sys.modules.get("tensorflow")  # only a program that imported TensorFlow can raise its errors
+        export = sys.modules.get("keras_bit.export.formats")
+        if export is not None and isinstance(e, export.ExportError):
+            print(f"keras-bit {args.command}: error: {e}", file=sys.stderr)
+            return 1
         if tf is None or not isinstance(e, tf.errors.OpError):
             raise
         # A TensorFlow runtime failure (a file removed mid-run, out of memory): its first line, not the trace.
         first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0]
         print(f"keras-bit {args.command}: error: {first}", file=sys.stderr)
         return 1
-    return 0
+    return status
 
 
 if __name__ == "__main__":

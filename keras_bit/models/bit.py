@@ -194,7 +194,7 @@ def BiT(
     )
 
 
-def convert(weights, output_path, model_name):
+def convert(weights, output_path, model_name, overwrite=False):
     """Converts any loadable weights (a published name, `hf://` handle or file) to a Keras `.weights.h5`.
 
     Args:
@@ -202,6 +202,8 @@ def convert(weights, output_path, model_name):
             "BiT-M-R50x1.npz" or "hf://timm/resnetv2_50x1_bit.goog_in21k".
         output_path: destination, ending in `.weights.h5`.
         model_name: the architecture, e.g. "BiT-M-R50x1".
+        overwrite: replace an existing `output_path` (otherwise refused
+            before anything is fetched).
 
     Returns:
         The built `keras.Model` holding the converted weights.
@@ -215,6 +217,8 @@ def convert(weights, output_path, model_name):
     folder = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(folder):
         raise ValueError(f"The folder of `output_path` does not exist: {folder}")
+    if os.path.lexists(output_path) and not overwrite:
+        raise FileExistsError(f"{output_path} already exists; pass overwrite=True (--overwrite) to replace it")
     _, arch_name = presets.split_model_name(model_name)
     source = sources.resolve(weights, model_name)
     if source is None:
@@ -222,7 +226,14 @@ def convert(weights, output_path, model_name):
     # The files first: whether there is a head to convert is known only from them.
     source = sources.fetch(source, architecture=presets.ARCHITECTURES[arch_name].spec)
     model = BiT(model_name, include_top=source.classes is not None, weights=source.path, input_shape=(None, None, 3))
-    model.save_weights(output_path)
+    # Written beside the destination, then renamed: an interrupted conversion leaves no half file.
+    tmp = os.path.join(folder, f".{os.path.basename(output_path)[:-len(keras_h5.SUFFIX)]}.{os.getpid()}{keras_h5.SUFFIX}")
+    try:
+        model.save_weights(tmp)
+        os.replace(tmp, output_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return model
 
 

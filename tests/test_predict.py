@@ -1,0 +1,173 @@
+"""`keras-bit predict` and `keras-bit export`: every file reported, bad ones named, never a traceback."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import EXPORT_CLASSES, encode, export_classifier, keras_probabilities, uint8_images
+from keras_bit import cli
+
+
+def main(argv):
+    """`keras-bit` as the shell runs it: the exit status, whether argparse or the command ends it."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A fine-tuning run's outputs: model.keras and class_names.txt."""
+    folder = tmp_path_factory.mktemp("run")
+    export_classifier(folder).save(folder / "model.keras")
+    (folder / "class_names.txt").write_text("\n".join(EXPORT_CLASSES) + "\n")
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path, rng):
+    """Three good images (PNG, WebP, BMP; two sizes) and their pixels."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = {"a.png": uint8_images(rng, 1, 70, 50)[0], "b.webp": uint8_images(rng, 1, 70, 50)[0],
+              "c.bmp": uint8_images(rng, 1, 33, 90)[0]}
+    for name, image in images.items():
+        fmt = {"png": "PNG", "webp": "WEBP", "bmp": "BMP"}[name.split(".")[1]]
+        (folder / name).write_bytes(encode(image, fmt, **({"lossless": True} if fmt == "WEBP" else {})))
+    return folder, images
+
+
+def _expected(run_dir, images):
+    import keras
+
+    model = keras.saving.load_model(run_dir / "model.keras")
+    return {name: keras_probabilities(model, image[None])[0] for name, image in images.items()}
+
+
+def test_export_then_predict_with_every_model_kind(run_dir, photos, tmp_path, capsys):
+    folder, images = photos
+    expected = _expected(run_dir, images)
+    keras_file, names = str(run_dir / "model.keras"), str(run_dir / "class_names.txt")
+    assert main(["export", keras_file, "--export-dir", str(tmp_path / "sm"), "--name", "tiny", "--class-names",
+                 names, "--top", "2"]) == 0
+    saved = str(tmp_path / "sm" / "tiny" / "1")
+    assert capsys.readouterr().out.strip() == saved
+    assert main(["export", keras_file, "--format", "onnx", "--output", str(tmp_path / "m.onnx"),
+                 "--class-names", names]) == 0
+    capsys.readouterr()
+    for source in (saved, keras_file, str(tmp_path / "m.onnx")):
+        assert main(["predict", str(folder), "--model", source, "--top", "2", "--json"]) == 0, source
+        report = json.loads(capsys.readouterr().out)
+        assert [os.path.basename(r["image"]) for r in report] == sorted(images)  # the folder, expanded
+        for row in report:
+            probabilities = expected[os.path.basename(row["image"])]
+            best = np.argsort(-probabilities)[:2]
+            assert [e["index"] for e in row["top"]] == best.tolist()
+            assert [e["label"] for e in row["top"]] == [EXPORT_CLASSES[i] for i in best]
+            np.testing.assert_allclose([e["score"] for e in row["top"]], probabilities[best], atol=1e-4)
+
+
+def test_a_bad_file_is_named_and_the_others_still_get_results(run_dir, photos, tmp_path, capsys):
+    folder, _ = photos
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    (tmp_path / "notes.txt").write_text("hello")
+    truncated = (folder / "a.png").read_bytes()[:200]
+    (tmp_path / "truncated.png").write_bytes(truncated)
+    (tmp_path / "empty").mkdir()
+    files = [str(folder / "a.png"), str(tmp_path / "corrupt.jpg"), str(tmp_path / "missing.png"),
+             str(tmp_path / "notes.txt"), str(tmp_path / "truncated.png"), str(tmp_path / "empty"),
+             str(folder / "c.bmp")]
+    assert main(["predict", *files, "--model", str(run_dir / "model.keras")]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("keras-bit predict: error: ")]
+    assert [line.split(": ")[2] for line in errors] == files[1:6]
+    assert "No such file or directory" in errors[1] and "no .jpg/" in errors[4]
+    assert out.splitlines()[0] == files[0] and files[-1] in out  # the good ones, in order
+    assert main(["predict", str(folder / "a.png"), "--model", str(run_dir / "model.keras"), "--max-pixels", "100"]) == 1
+    assert "50x70 image is over max_pixels=100" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top", "0"], "argument --top: must be a positive integer, got 0"),
+    (["--top", "-3"], "argument --top: must be a positive integer, got -3"),
+    (["--model", "missing/model.keras"], "Model not found: missing/model.keras"),
+    (["--model", "nothing.onnx"], "No exported model at nothing.onnx"),
+    (["--model", "{tmp}"], "is a folder but not a SavedModel"),
+    (["--model", "BiT-Q-R50x1"], "BiT-Q-R50x1"),
+])
+def test_predict_usage_errors_are_one_line(photos, tmp_path, capsys, argv, message):
+    folder, _ = photos
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv = argv if "--model" in argv else argv + ["--model", "BiT-S-R50x1"]
+    assert main(["predict", str(folder / "a.png"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keras-bit predict: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--version", "-1"], "argument --version: must be a positive integer, got -1"),
+    (["--name", "../escape"], "`name` must be a plain name"),
+    (["--format", "onnx", "--quantization", "int8"], "--quantization: not used by --format onnx"),
+    (["--format", "onnx", "--max-pixels", "100"], "--max-pixels: not used by --format onnx"),
+    (["--quantization", "float16"], "--quantization: not used by --format tf_saved_model"),
+    (["--overwrite"], "--overwrite (TF Serving versions are never overwritten; a new version is written)"),
+    (["--format", "onnx", "--version", "2"], "--export-dir, --version: not used by --format onnx"),
+    (["--output", "{tmp}/x.onnx", "--format", "onnx", "--name", "y"], "--name (the name is --output's)"),
+    (["--format", "litert", "--representative-data", "{tmp}"], "--representative-data (only with --quantization"),
+    (["--format", "litert", "--quantization", "int8"], "quantization='int8' needs `representative_data`"),
+    (["--format", "litert", "--quantization", "int8", "--representative-data", "nowhere"],
+     "--representative-data must be a folder of images"),
+    (["--format", "tflite"], "argument --format: invalid choice: 'tflite'"),
+    (["--output", "{tmp}/x.onnx", "--format", "litert"], r"A litert export is a '.tflite' file"),
+])
+def test_export_usage_errors_are_one_line(run_dir, tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--output" not in argv and "--format" not in argv or "--version" in argv:
+        argv += ["--export-dir", str(tmp_path / "sm")]
+    before = sorted(os.listdir(tmp_path))
+    assert main(["export", str(run_dir / "model.keras"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keras-bit export: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == before and not os.path.exists(tmp_path.parent / "escape")
+
+
+def test_int8_export_calibrates_on_a_folder(run_dir, photos, tmp_path, capsys):
+    pytest.importorskip("ai_edge_litert")
+    folder, _ = photos
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    output = str(tmp_path / "int8.tflite")
+    assert main(["export", str(run_dir / "model.keras"), "--format", "litert", "--quantization", "int8",
+                 "--representative-data", str(folder), "--output", output]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == output and f"skipping {folder / 'broken.png'}" in err
+    assert main(["export", str(run_dir / "model.keras"), "--format", "litert", "--output", output]) == 2
+    assert "already exist" in capsys.readouterr().err
+    assert main(["predict", str(folder / "a.png"), "--model", output, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 5
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    from helpers import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path / "t.npz")
+    out = tmp_path / "out.weights.h5"
+    out.write_bytes(b"keep me")
+    assert main(["convert", str(tmp_path / "t.npz"), str(out), "--model", "BiT-M-R50x1"]) == 2
+    assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_help_shows_the_library_defaults(capsys):
+    from keras_bit.export import DEFAULT_MAX_PIXELS
+
+    texts = {}
+    for command in ("export", "predict"):
+        assert main([command, "--help"]) == 0
+        texts[command] = " ".join(capsys.readouterr().out.split())
+        assert f"(default: {DEFAULT_MAX_PIXELS})" in texts[command], command
+    assert "artifact format (default: tf_saved_model)" in texts["export"]
+    assert "./<name>.<ext> otherwise --export-dir" in texts["export"]  # no second "(default: None)" after it
