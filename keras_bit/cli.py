@@ -410,7 +410,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         with _console_logging(quiet=getattr(args, "quiet", False)):
-            status = _COMMANDS[args.command](args) or 0
+            result = _COMMANDS[args.command](args)
+            status = result if type(result) is int else 0  # `predict` returns 1 when a file failed; `demo`, a dict
     except (ValueError, OSError, BackendError) as e:
         from keras_bit.train.plan import RunMismatchError
 

@@ -160,7 +160,8 @@ def decode(data, max_pixels=DEFAULT_MAX_PIXELS, dct_fit=None):
         dct_fit: optional `(height, width)`: decode a JPEG at 1/2, 1/4 or 1/8
             of its size inside the DCT when that still covers `dct_fit`
             (faster and smaller, but not the pixels of a full decode followed
-            by a resize); `max_pixels` then counts the reduced size.
+            by a resize); `max_pixels` then counts the reduced size (a
+            progressive JPEG still buffers full-size DCT coefficients).
 
     Returns:
         The decoded pixels (a GIF's first frame; animated WebP is refused by TF).
