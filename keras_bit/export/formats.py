@@ -105,7 +105,8 @@ def _litert_options(quantization, representative_data):
     if quantization == "float16":
         return {"optimizations": [tf.lite.Optimize.DEFAULT], "target_spec": {"supported_types": [tf.float16]}}
     if quantization == "int8":
-        # Full integer: every op in int8 (uint8 pixels in, float probabilities out via dequantize).
+        # Integer-only op set with calibrated ranges: the convolutions run in int8; GroupNorm's statistics stay
+        # float between quantize/dequantize pairs (benchmarks/RESULTS.md counts them).
         return {"optimizations": [tf.lite.Optimize.DEFAULT],
                 "representative_dataset": _representative(representative_data),
                 "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]}}
@@ -128,7 +129,9 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
             others: `<path>.labels.txt`); default ImageNet names for
             1000/21843-class heads when available.
         quantization: LiteRT only: None (float32), "float16" (weights), or
-            "int8" (full integer, calibrated on `representative_data`).
+            "int8" (integer kernels calibrated on `representative_data`; the
+            file is test-run in a child process and refused with
+            `ExportError` if it crashes the interpreter).
         representative_data: uint8 images `[n, height, width, 3]` for int8.
         top_k: how many classes `top_k_indices` / `top_k_scores` hold.
         image_size: `(height, width)` inputs are resized to (default: the
