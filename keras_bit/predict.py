@@ -104,7 +104,8 @@ def decode_file(path, max_pixels):
         except tf.errors.OpError:
             height = width = -1
         if height < 0:
-            raise ValueError(f"not a {'/'.join(image_decode.FORMATS)} image (or its header is cut short)")
+            raise ValueError(f"not a readable {'/'.join(image_decode.FORMATS)} image (unknown format, or a corrupt "
+                             "or cut-short header)")
         if height * width > max_pixels:
             raise ValueError(f"{width}x{height} image is over max_pixels={max_pixels}")
         try:

@@ -14,6 +14,7 @@ for extra files; the SavedModel also returns them as `top_k_labels`).
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -21,6 +22,7 @@ import warnings
 import numpy as np
 
 from keras_bit.backend import require
+from keras_bit.console import native_stderr_silenced
 from keras_bit.backend import tensorflow as _tensorflow
 from keras_bit.export import saved_model, serving
 
@@ -85,10 +87,12 @@ def _check_litert_runs(path, image):
     finally:
         os.remove(sample)
     if proc.returncode != 0:
-        detail = (proc.stderr or "").strip().splitlines()[-1:] or ["no message"]
+        lines = [line for line in (proc.stderr or "").strip().splitlines() if not line.startswith("INFO:")]
+        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit status {proc.returncode}")
         raise ExportError(
-            f"the int8 LiteRT model fails in the LiteRT interpreter on a representative image (exit status "
-            f"{proc.returncode}: {detail[0][:200]}), so it was not written. Export with quantization='float16' "
+            f"the int8 LiteRT model fails in the LiteRT interpreter on a representative image ({how}"
+            f"{': ' + lines[-1][:200] if lines else ''}), so it was not written. Export with quantization='float16' "
             "(or none) instead; benchmarks/RESULTS.md records where this happens.")
 
 
@@ -167,7 +171,9 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
         else:
             # Keras' ONNX writer refuses a model that was never called.
             served(np.zeros((1, *served.get_layer("classify").input_shape[1:3], 3), np.uint8))
-            with warnings.catch_warnings():  # tf2onnx's NumPy 2 deprecation notices are not the user's concern
+            # tf2onnx's NumPy 2 notices and the TFLite converter's C++ prints ("fully_quantize: 0, ...") are
+            # not the user's concern.
+            with warnings.catch_warnings(), native_stderr_silenced():
                 warnings.simplefilter("ignore", FutureWarning)
                 served.export(tmp, format=format, verbose=False, **_litert_options(quantization, representative_data))
             if quantization == "int8":

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from keras_bit.backend import require
+from keras_bit.console import native_stderr_silenced
 from keras_bit.export.formats import EXTENSIONS
 
 OUTPUTS = ("probabilities", "top_k_indices", "top_k_scores")
@@ -68,9 +69,13 @@ def _saved_model(path):
 
 def _litert(path):
     litert = require("ai_edge_litert.interpreter", "Running LiteRT exports", "export")
-    interpreter = litert.Interpreter(model_path=path)
-    runner = interpreter.get_signature_runner()
-    return lambda images: runner(images=images)
+    runner = litert.Interpreter(model_path=path).get_signature_runner()
+
+    def run(images):
+        with native_stderr_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on first use
+            return runner(images=images)
+
+    return run
 
 
 def _onnx(path):
