@@ -87,7 +87,7 @@ def formats_section(size, repeats, folder):
         if fmt == "openvino":
             from keras_bit.export import runtimes
 
-            runners["openvino (CPU default precision)"] = Exported(path, runtimes._openvino(path, None))
+            runners["openvino (CPU default precision)"] = Exported(path, "openvino", runtimes._openvino(path, None))
     timings = {}
     for batch in (1, 8):
         x = images[:batch]

@@ -279,11 +279,11 @@ def _report(args):
 
 def _export(args):
     from keras_bit.export import DEFAULT_EXPORT_DIR, DEFAULT_MAX_PIXELS, EXTENSIONS, export_model, export_saved_model
-    from keras_bit.export.serving import check_plain_name, input_size
-    from keras_bit.predict import load_model, read_class_names
+    from keras_bit.export.serving import check_plain_name, input_size, read_labels
+    from keras_bit.predict import load_model
 
     _check_export_flags(args)
-    names = read_class_names(args.class_names) if args.class_names else None
+    names = read_labels(args.class_names) if args.class_names else None
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
     model = load_model(args.model)
     representative = None

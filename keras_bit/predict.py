@@ -15,13 +15,6 @@ BATCH_SIZE = 32
 PIXEL_BUDGET = 16_000_000
 
 
-def read_class_names(path):
-    """Class names from a text file, one per line (the `class_names.txt` that fine-tuning writes)."""
-    from keras_bit.export.serving import read_labels
-
-    return read_labels(path)
-
-
 def load_model(spec):
     """A Keras model from a `.keras` file, or a named BiT model (`keras_bit.BiT(spec)`)."""
     import keras
@@ -43,6 +36,7 @@ def load_classifier(spec):
     model name such as "BiT-M-R50x1".
     """
     from keras_bit.export import runtimes, serving
+    from keras_bit.train.run_record import CLASS_NAMES_FILE
 
     if runtimes.format_of(spec):
         exported = runtimes.load_exported(spec)
@@ -55,9 +49,9 @@ def load_classifier(spec):
                                 ".onnx or .xml file, or a BiT model name)")
     model = load_model(spec)
     served = serving.serving_model(model)
-    beside = os.path.join(os.path.dirname(os.path.abspath(spec)), "class_names.txt")
+    beside = os.path.join(os.path.dirname(os.path.abspath(spec)), CLASS_NAMES_FILE)
     if spec.endswith(".keras") and os.path.isfile(beside):  # a fine-tuning run's output folder
-        names = read_class_names(beside)
+        names = serving.read_labels(beside)
     else:
         names = serving.imagenet_class_names(int(model.output_shape[-1]))
     return (lambda images: {k: np.asarray(v) for k, v in served(images).items()}), names

@@ -14,6 +14,7 @@ import numpy as np
 from keras_bit.backend import require
 from keras_bit.console import native_stderr_silenced
 from keras_bit.export.formats import EXTENSIONS
+from keras_bit.export.serving import labels_path, read_labels
 
 OUTPUTS = ("probabilities", "top_k_indices", "top_k_scores")
 
@@ -38,8 +39,8 @@ def check_images(images):
 class Exported:
     """An exported model: `exported(images)` -> dict of NumPy outputs; `class_names` when known."""
 
-    def __init__(self, path, run, class_names=None):
-        self.path, self.format, self._run, self.class_names = os.fspath(path), format_of(path), run, class_names
+    def __init__(self, path, fmt, run, class_names=None):
+        self.path, self.format, self._run, self.class_names = os.fspath(path), fmt, run, class_names
 
     def __call__(self, images):
         images = check_images(images)
@@ -48,13 +49,6 @@ class Exported:
 
     def __repr__(self):
         return f"Exported({self.path!r}, format={self.format!r})"
-
-
-def _read_labels(path, fmt):
-    from keras_bit.export.serving import labels_path, read_labels
-
-    labels = labels_path(path, fmt)
-    return read_labels(labels) if os.path.isfile(labels) else None
 
 
 def _saved_model(path):
@@ -124,4 +118,5 @@ def load_exported(path):
     except Exception as e:  # each runtime has its own error types for a corrupt file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"Cannot load {path} as a {fmt} export: {first[:300]}") from e
-    return Exported(path, run, _read_labels(path, fmt))
+    labels = labels_path(path, fmt)
+    return Exported(path, fmt, run, read_labels(labels) if os.path.isfile(labels) else None)
