@@ -80,6 +80,24 @@ def test_group_norm_defaults_are_bits():
     assert GroupNormalization.from_config(config).get_config() == config
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(gn))
     assert isinstance(restored, GroupNormalization) and restored.epsilon == 1e-5
+    assert gn.activation is keras.activations.linear
+
+
+def test_group_norm_activation_config_and_values(rng):
+    gn = GroupNormalization(groups=4, activation="relu", name="gn")
+    config = gn.get_config()
+    assert config["activation"] == "relu" and GroupNormalization.from_config(config).get_config() == config
+    x = rng.normal(size=(2, 5, 3, 8)).astype("float32")
+    expected = np.maximum(reference.group_norm(x, np.ones(8), np.zeros(8), groups=4), 0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(gn(x)), expected, atol=1e-5)
+    # Other activations are applied after the normalisation (not fused); other ranks too.
+    tanh = GroupNormalization(groups=4, activation="tanh")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(tanh(x)),
+                               np.tanh(reference.group_norm(x, np.ones(8), np.zeros(8), groups=4)), atol=1e-5)
+    seq = GroupNormalization(groups=4, activation="relu")(x[:, :, 0, :])
+    assert float(keras.ops.min(seq)) == 0.0
+    with pytest.raises(ValueError, match=r"`activation` must be None or a Keras activation. Received: activation='nope'"):
+        GroupNormalization(activation="nope")
 
 
 def test_group_norm_matches_numpy(rng):

@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 
+from keras_bit import kernels
 from keras_bit.backend import require
 from keras_bit.console import native_stderr_silenced
 from keras_bit.backend import tensorflow as _tensorflow
@@ -169,13 +170,16 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
         if format == "tf_saved_model":
             saved_model.save(served, tmp, class_names, max_pixels, jpeg_dct_scaling)
         else:
-            # Keras' ONNX writer refuses a model that was never called.
-            served(np.zeros((1, *served.get_layer("classify").input_shape[1:3], 3), np.uint8))
-            # tf2onnx's NumPy 2 notices and the TFLite converter's C++ prints ("fully_quantize: 0, ...") are
-            # not the user's concern.
-            with warnings.catch_warnings(), native_stderr_silenced():
-                warnings.simplefilter("ignore", FutureWarning)
-                served.export(tmp, format=format, verbose=False, **_litert_options(quantization, representative_data))
+            # Standard ops only: LiteRT, tf2onnx and OpenVINO know nothing of keras_bit's fused kernel.
+            with kernels.portable():
+                # Keras' ONNX writer refuses a model that was never called.
+                served(np.zeros((1, *served.get_layer("classify").input_shape[1:3], 3), np.uint8))
+                # tf2onnx's NumPy 2 notices and the TFLite converter's C++ prints ("fully_quantize: 0, ...") are
+                # not the user's concern.
+                with warnings.catch_warnings(), native_stderr_silenced():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    served.export(tmp, format=format, verbose=False,
+                                  **_litert_options(quantization, representative_data))
             if quantization == "int8":
                 _check_litert_runs(tmp, np.asarray(representative_data)[:1])
         serving.write_labels(tmp, format, class_names)

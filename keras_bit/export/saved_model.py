@@ -19,6 +19,7 @@ keras-team/keras#23553), doubling the file and the memory of every server.
 import logging
 import os
 
+from keras_bit import kernels
 from keras_bit.backend import tensorflow as _tensorflow
 from keras_bit.export import image_decode, serving
 from keras_bit.validation import check_positive_int
@@ -158,4 +159,6 @@ def save(served, path, class_names=None, max_pixels=DEFAULT_MAX_PIXELS, jpeg_dct
     # wrappers too would store every weight twice.
     module.weights = [v.value for v in served.weights]
     module.serving_default, module.serving_bytes = serving_default, serving_bytes
-    tf.saved_model.save(module, path, signatures={"serving_default": serving_default, "serving_bytes": serving_bytes})
+    with kernels.portable():  # standard ops only: TF Serving has no keras_bit kernel
+        tf.saved_model.save(module, path, signatures={"serving_default": serving_default,
+                                                      "serving_bytes": serving_bytes})

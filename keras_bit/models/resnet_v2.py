@@ -133,8 +133,8 @@ def block_plan(output_stride=32):
 def _unit(x, mid_channels, stride, dilation, prefix, groups):
     """One pre-activation bottleneck unit; layer names mirror the checkpoint scopes."""
     out_channels = 4 * mid_channels
-    preact = GroupNormalization(groups, name=f"{prefix}_a_gn")(x)
-    preact = keras.layers.ReLU(name=f"{prefix}_a_relu")(preact)
+    # Each GroupNorm carries the ReLU that follows it (one fused op on CPU; see keras_bit.kernels).
+    preact = GroupNormalization(groups, activation="relu", name=f"{prefix}_a_gn")(x)
     shortcut = x
     if stride != 1 or x.shape[-1] != out_channels:
         # BiT projects the *pre-activated* input, not the raw one.
@@ -142,14 +142,12 @@ def _unit(x, mid_channels, stride, dilation, prefix, groups):
             out_channels, 1, strides=stride, data_format=DATA_FORMAT, name=f"{prefix}_a_proj_conv"
         )(preact)
     y = StandardizedConv2D(mid_channels, 1, data_format=DATA_FORMAT, name=f"{prefix}_a_conv")(preact)
-    y = GroupNormalization(groups, name=f"{prefix}_b_gn")(y)
-    y = keras.layers.ReLU(name=f"{prefix}_b_relu")(y)
+    y = GroupNormalization(groups, activation="relu", name=f"{prefix}_b_gn")(y)
     y = keras.layers.ZeroPadding2D(dilation, data_format=DATA_FORMAT, name=f"{prefix}_b_pad")(y)
     y = StandardizedConv2D(
         mid_channels, 3, strides=stride, dilation_rate=dilation, data_format=DATA_FORMAT, name=f"{prefix}_b_conv"
     )(y)
-    y = GroupNormalization(groups, name=f"{prefix}_c_gn")(y)
-    y = keras.layers.ReLU(name=f"{prefix}_c_relu")(y)
+    y = GroupNormalization(groups, activation="relu", name=f"{prefix}_c_gn")(y)
     y = StandardizedConv2D(out_channels, 1, data_format=DATA_FORMAT, name=f"{prefix}_c_conv")(y)
     return y, shortcut
 
@@ -170,6 +168,7 @@ def _backbone(x, block_units, width_factor, base_width, groups, output_stride):
                                 prefix, groups)
             add_name = f"block{b}_out" if u == units else f"{prefix}_add"
             x = keras.layers.Add(name=add_name)([y, shortcut])
+    # Kept as two layers: "post_relu" is the backbone's final feature map, a public layer name.
     x = GroupNormalization(groups, name="post_gn")(x)
     return keras.layers.ReLU(name="post_relu")(x)
 
