@@ -1,21 +1,25 @@
-"""keras_bit speed benchmarks: inference and training img/s, same-run baselines, load time, RSS, profile.
+"""keras_bit speed benchmarks against the peers users pick: img/s, the machine's ceiling, RSS, profile.
 
-    python benchmarks/benchmark.py            # full suite (about 15 minutes on 2 cores)
+    python benchmarks/benchmark.py            # full suite (about 25 minutes on 2 cores)
     python benchmarks/benchmark.py --quick    # 224 px batch 16 inference + training, fewer repeats
     python benchmarks/benchmark.py --json     # machine-readable (also with --quick)
-    python benchmarks/benchmark.py --only profile   # one section: inference, training, bf16, load, profile
+    python benchmarks/benchmark.py --only profile   # sections: inference, training, bf16, trained-bf16, rss,
+                                                    # load, profile
 
 Every number is the median of several timed runs after warm-up, and every
-comparison is a ratio between paths timed in the same process, so that the
-ratios hold on a noisy machine. Baselines: `keras.applications.ResNet50V2`
-(BatchNorm, same size class) and, when PyTorch is installed, a PyTorch
-BiT-R50x1 written in `torch_bit.py` (eager, NCHW, as the authors' code).
-Nothing here is asserted: speed goals are read off this output, never checked
-by the test suite. benchmarks/RESULTS.md records the numbers.
+comparison is a ratio between paths timed in the same process and the same
+rounds (interleaved), so that the ratios hold on a noisy machine; the
+float32 / bfloat16 matmul peak measured in the same run is the ceiling.
+Peers (benchmarks/peers.py, each optional): timm's BiT-R50x1 eager
+(channels_last, float32 and bfloat16 autocast), ONNX Runtime and OpenVINO
+(float32, bfloat16) on PyTorch's ONNX export of it. Nothing here is asserted:
+speed goals are read off this output, never checked by the test suite.
+benchmarks/RESULTS.md records the numbers.
 """
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -35,14 +39,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 import keras_bit  # noqa: E402
+import peers  # noqa: E402
+from keras_bit import kernels  # noqa: E402
 from keras_bit.export import export_saved_model, fold_standardization  # noqa: E402
 
 try:
     import torch
-except ImportError:  # PyTorch is an optional baseline only.
+except ImportError:  # PyTorch is an optional peer only.
     torch = None
 
 MODEL = "BiT-S-R50x1"
+R50X1_GFLOP_224 = 8.46  # multiply-adds x 2 of BiT-R50x1 at 224 px
+BEST_FP32 = "keras_bit tf.function + fold, fused GroupNorm"
+MIXED_BF16 = "keras_bit mixed_bfloat16 tf.function + fold, fused GroupNorm"
+STORED_BF16 = "keras_bit bfloat16 weights (fold dtype='bfloat16'), fused GroupNorm"
 
 
 def _median_seconds(fn, repeats, warmup=2):
@@ -102,8 +112,23 @@ def _torch_model(seed=0):
     return torch_bit.load_official(torch_bit.ResNetV2(), _random_checkpoint(seed=seed)).eval()
 
 
-def inference(size, batch, repeats, quick=False):
-    """img/s for every inference path of one (size, batch), with the baselines and their ratios."""
+@contextlib.contextmanager
+def _fused_kernels(on):
+    """keras_bit's fused GroupNorm kernel on or off for the tf.functions traced (or models fitted) inside."""
+    previous = os.environ.get(kernels.ENV_SWITCH)
+    os.environ[kernels.ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(kernels.ENV_SWITCH) if previous is None else os.environ.update({kernels.ENV_SWITCH: previous})
+
+
+def _gflop_per_image(size):
+    return R50X1_GFLOP_224 * (size / 224) ** 2  # the convolutions dominate and scale with the pixel count
+
+
+def inference(size, batch, repeats, ceiling_gflops, quick=False):
+    """img/s of keras_bit's inference paths and of its peers for one (size, batch), with the ratios."""
     x_np = _images(batch, size)
     x = tf.constant(x_np)
     model = _build(size)
@@ -111,51 +136,63 @@ def inference(size, batch, repeats, quick=False):
     folded = fold_standardization(model)
     bf16 = fold_standardization(_bf16_copy(model, size))
 
-    def graph(m, xla=False):
-        fn = tf.function(lambda t: m(t, training=False), jit_compile=xla)
+    def graph(m, fused=True):
+        fn = tf.function(lambda t: m(t, training=False))
+        with _fused_kernels(fused):
+            fn(x)  # traced here, with or without the kernel
         return lambda: fn(x).numpy()
 
     paths = {
-        "eager model(x)": lambda: model(x, training=False).numpy(),
-        "model.predict": lambda: model.predict(x, batch_size=batch, verbose=0),
-        "tf.function": graph(model),
-        "tf.function XLA": graph(model, xla=True),
-        "tf.function, WS precomputed": graph(folded),
-        "tf.function XLA, WS precomputed": graph(folded, xla=True),
-        "mixed_bfloat16 tf.function, WS precomputed": graph(bf16),
+        "keras_bit model.predict": lambda: model.predict(x, batch_size=batch, verbose=0),
+        BEST_FP32: graph(folded),
+        "keras_bit tf.function + fold, keras.ops GroupNorm": graph(folded, fused=False),
+        MIXED_BF16: graph(bf16),
+        STORED_BF16: graph(fold_standardization(model, dtype="bfloat16")),
     }
+    notes = []
     with tempfile.TemporaryDirectory() as tmp:
         if not quick:
             classes = [str(i) for i in range(int(model.output_shape[-1]))]
             served = tf.saved_model.load(export_saved_model(model, tmp, class_names=classes))
             signature = served.signatures["serving_default"]
             pixels = tf.constant(((x_np + 1) * 127.5).astype("uint8"))
-            paths["SavedModel serving_default (uint8, WS folded)"] = lambda: signature(images=pixels)[
-                "probabilities"
-            ].numpy()
-        reference_model = keras.applications.ResNet50V2(weights=None, input_shape=(size, size, 3))
-        paths["baseline: keras ResNet50V2 tf.function"] = graph(reference_model)
-        if torch is not None:
-            net = _torch_model()
-            x_torch = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
-
-            def torch_eager():
-                with torch.no_grad():
-                    net(x_torch)
-
-            paths["baseline: PyTorch BiT eager"] = torch_eager
+            paths["keras_bit exported SavedModel (uint8 in, standard ops)"] = lambda: signature(images=pixels)[
+                "probabilities"].numpy()
+        notes += _add_peers(paths, size, x_np, tmp)
         rows = {name: batch / seconds for name, seconds in _interleaved_seconds(paths, repeats).items()}
-    fp32 = {k: v for k, v in rows.items() if not k.startswith(("baseline", "mixed", "SavedModel"))}
-    best = max(fp32, key=fp32.get)
-    ratios = {
-        "best fp32 path": best,
-        "bf16 / best fp32": rows["mixed_bfloat16 tf.function, WS precomputed"] / rows[best],
-        "best fp32 / keras ResNet50V2": rows[best] / rows["baseline: keras ResNet50V2 tf.function"],
-    }
-    if torch is not None:
-        ratios["best fp32 / PyTorch eager"] = rows[best] / rows["baseline: PyTorch BiT eager"]
-        ratios["model.predict / PyTorch eager"] = rows["model.predict"] / rows["baseline: PyTorch BiT eager"]
-    return {"size": size, "batch": batch, "img_per_s": rows, "ratios": ratios}
+    ceiling = ceiling_gflops / _gflop_per_image(size)
+    best_bf16 = max((MIXED_BF16, STORED_BF16), key=rows.get)
+    ratios = {"best fp32 share of the fp32 matmul ceiling": rows[BEST_FP32] / ceiling,
+              "fused / keras.ops GroupNorm (fp32)": rows[BEST_FP32] / rows[
+                  "keras_bit tf.function + fold, keras.ops GroupNorm"],
+              "best bf16 path": "stored bfloat16 weights" if best_bf16 == STORED_BF16 else "mixed_bfloat16",
+              "best bf16 / best fp32": rows[best_bf16] / rows[BEST_FP32]}
+    for peer in [name for name in rows if name.startswith("peer")]:
+        mine = best_bf16 if "bf16" in peer else BEST_FP32
+        ratios[f"{'bf16' if 'bf16' in peer else 'fp32'} keras_bit / {peer[6:]}"] = rows[mine] / rows[peer]
+    return {"size": size, "batch": batch, "img_per_s": rows, "ratios": ratios, "notes": notes}
+
+
+def _add_peers(paths, size, x_np, tmp):
+    """Adds timm (fp32, bf16 autocast), ONNX Runtime and OpenVINO (fp32, bf16) to `paths`; returns notes."""
+    missing = peers.available("torch")
+    if missing:
+        return [missing]
+    name, net = peers.torch_model()
+    notes = [f"PyTorch model: {name}"]
+    paths["peer: timm eager channels_last fp32"] = peers.torch_inference(net, x_np, bf16=False)
+    paths["peer: timm eager channels_last bf16 autocast"] = peers.torch_inference(net, x_np, bf16=True)
+    onnx_path = peers.export_onnx(net, size, os.path.join(tmp, "peer.onnx"))
+    for module, label, make in (("onnxruntime", "ONNX Runtime fp32",
+                                 lambda: peers.onnxruntime_session(onnx_path, x_np)),
+                                ("openvino", "OpenVINO fp32", lambda: peers.openvino_request(onnx_path, x_np, "f32")),
+                                ("openvino", "OpenVINO bf16", lambda: peers.openvino_request(onnx_path, x_np, "bf16"))):
+        missing = peers.available(module)
+        if missing:
+            notes.append(missing)
+        else:
+            paths[f"peer: {label}"] = make()
+    return notes
 
 
 def _bf16_copy(model, size):
@@ -223,58 +260,90 @@ def bf16_agreement(size=128, images=512, batch=32):
 
 
 def training(size, batch, steps, warmup=3):
-    """Training-step img/s (SGD momentum, model.fit under a one-device MirroredStrategy) and baselines."""
+    """Training-step img/s (SGD momentum, model.fit under a one-device MirroredStrategy) against timm."""
     x = _images(batch, size)
-    y = keras.utils.to_categorical(np.arange(batch) % 10, 10)
-    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    labels = np.arange(batch) % 10
+    data = tf.data.Dataset.from_tensors((x, keras.utils.to_categorical(labels, 10))).repeat()
 
-    def keras_fit(build, jit_compile):
+    def keras_fit(policy, fused):
         strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
         with strategy.scope():
-            model = build()
-            model.compile(
-                optimizer=keras.optimizers.SGD(0.003, momentum=0.9),
-                loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                jit_compile=jit_compile,
-            )
+            keras.mixed_precision.set_global_policy(policy)
+            try:
+                model = keras_bit.BiT(MODEL, weights=None, input_shape=(size, size, 3), classes=10,
+                                      classifier_activation=None)
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+            model.compile(optimizer=keras.optimizers.SGD(0.003, momentum=0.9),
+                          loss=keras.losses.CategoricalCrossentropy(from_logits=True), jit_compile=False)
         stamps = []
         callback = keras.callbacks.LambdaCallback(
             on_train_batch_end=lambda batch, logs=None: stamps.append(time.perf_counter()))
-        model.fit(data, steps_per_epoch=warmup + steps, epochs=1, callbacks=[callback], verbose=0)
+        with _fused_kernels(fused):
+            model.fit(data, steps_per_epoch=warmup + steps, epochs=1, callbacks=[callback], verbose=0)
         return batch / statistics.median(np.diff(stamps[warmup - 1:]))
 
-    def bit():
-        return keras_bit.BiT(MODEL, weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None)
-
-    def resnet():
-        return keras.applications.ResNet50V2(
-            weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
-        )
-
     rows = {
-        "keras_bit model.fit": keras_fit(bit, False),
-        "keras_bit model.fit XLA": keras_fit(bit, True),
-        "baseline: keras ResNet50V2 model.fit": keras_fit(resnet, False),
+        "keras_bit model.fit fp32, fused GroupNorm": keras_fit("float32", True),
+        "keras_bit model.fit fp32, keras.ops GroupNorm": keras_fit("float32", False),
+        "keras_bit model.fit mixed_bfloat16, fused GroupNorm": keras_fit("mixed_bfloat16", True),
     }
+    ratios = {"fused / keras.ops GroupNorm (fp32)": rows["keras_bit model.fit fp32, fused GroupNorm"] / rows[
+        "keras_bit model.fit fp32, keras.ops GroupNorm"]}
+    notes = [peers.available("torch")] if torch is None else []
     if torch is not None:
-        net = _torch_model().train()
-        net.head = torch.nn.Conv2d(2048, 10, 1)
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.003, momentum=0.9)
-        x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-        y_torch = torch.from_numpy(np.arange(batch) % 10)
+        name, _ = peers.torch_model(classes=10)
+        notes.append(f"PyTorch model: {name}")
+        steps_by_path = {f"peer: timm eager channels_last {kind}": peers.torch_training_step(
+            peers.torch_model(classes=10)[1], x, labels, bf16=kind == "bf16 autocast") for kind in
+            ("fp32", "bf16 autocast")}
+        for path, seconds in _interleaved_seconds(steps_by_path, steps, warmup).items():
+            rows[path] = batch / seconds
+        for mine, peer in (("fp32, fused", "fp32"), ("mixed_bfloat16, fused", "bf16 autocast")):
+            ours = rows[f"keras_bit model.fit {mine} GroupNorm"]
+            ratios[f"keras_bit {mine.split(',')[0]} / timm {peer}"] = ours / rows[
+                f"peer: timm eager channels_last {peer}"]
+    return {"size": size, "batch": batch, "img_per_s": rows, "ratios": ratios, "notes": notes}
 
-        def step():
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(net(x_torch), y_torch).backward()
-            optimizer.step()
 
-        rows["baseline: PyTorch BiT eager"] = batch / _median_seconds(step, steps, warmup)
-    best = max(("keras_bit model.fit", "keras_bit model.fit XLA"), key=rows.get)
-    ratios = {"best keras_bit path": best, "best / keras ResNet50V2": rows[best] / rows[
-        "baseline: keras ResNet50V2 model.fit"]}
-    if torch is not None:
-        ratios["best / PyTorch eager"] = rows[best] / rows["baseline: PyTorch BiT eager"]
-    return {"size": size, "batch": batch, "img_per_s": rows, "ratios": ratios}
+def trained_bf16_agreement(model_path):
+    """Top-1 agreement of mixed_bfloat16 with float32 on a model trained on real images.
+
+    `model_path` is the README main job's `digits_run/model.keras` (BiT-M-R50x1
+    fine-tuned on scikit-learn's digits at 32 px); the images are its 360
+    held-out digits (the run's own split) and, for more cases, all 1797.
+    Both models are folded and use the fused GroupNorm, as the fast paths do.
+    """
+    from keras_bit.train import data, pipeline
+
+    model = keras.saving.load_model(model_path, compile=False)
+    size = int(model.input_shape[1])
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        copy = keras.Model.from_config(_retyped_config(model.get_config()))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    copy.set_weights(model.get_weights())
+    dataset = data.load("sklearn:digits")
+    result = {"model": model_path, "size": size}
+    for name, splits in (("held-out", [dataset.eval]), ("all", [dataset.train, dataset.eval])):
+        images = np.concatenate([np.concatenate([x for x, _ in pipeline.eval_pipeline(
+            split, dataset.num_classes, 256, size).as_numpy_iterator()]) for split in splits])
+        labels = np.concatenate([np.asarray(split.labels) for split in splits])
+        top1 = {kind: np.argmax(np.asarray(tf.cast(fold_standardization(m)(images, training=False), tf.float32)), -1)
+                for kind, m in (("fp32", model), ("bf16", copy))}
+        result[name] = {"images": len(labels), "agreement": float(np.mean(top1["fp32"] == top1["bf16"])),
+                        "fp32_accuracy": float(np.mean(top1["fp32"] == labels)),
+                        "bf16_accuracy": float(np.mean(top1["bf16"] == labels))}
+    return result
+
+
+def _retyped_config(config):
+    """A Functional config whose layers take the global policy, except the float32 head (keras_bit's rule)."""
+    for layer in config["layers"]:
+        if layer["class_name"] != "InputLayer" and layer["config"].get("name") != "head":
+            layer["config"].pop("dtype", None)
+    return config
 
 
 def checkpoint_load(repeats):
@@ -301,6 +370,38 @@ def _load_child(repeats):
                       "peak_rss_mb": _own_peak_rss_mb()}))
 
 
+RSS_PATHS = ("keras_bit fp32", "keras_bit mixed_bfloat16", "peer: timm fp32", "peer: OpenVINO fp32",
+             "framework only: TensorFlow + Keras imported", "framework only: PyTorch imported")
+
+
+def peak_rss(size=224, batch=16):
+    """Peak RSS (MB) of each inference path at (size, batch), each in its own fresh process.
+
+    keras_bit's children import TensorFlow; the peers' children (peers.py) do not,
+    so nothing is counted against a peer that it does not load itself.
+    """
+    import subprocess
+
+    out = {}
+    for path in RSS_PATHS:
+        script = os.path.join(HERE, "peers.py" if "PyTorch" in path or path.startswith("peer") else "benchmark.py")
+        proc = subprocess.run([sys.executable, script, "--rss-child", path, str(size), str(batch)],
+                              capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        out[path] = json.loads(lines[-1])["peak_rss_mb"] if proc.returncode == 0 and lines else None
+    return {"size": size, "batch": batch, "peak_rss_mb": out}
+
+
+def _rss_child(path, size, batch):
+    if path.startswith("keras_bit"):
+        folded = fold_standardization(_build(size, "mixed_bfloat16" if "bfloat16" in path else "float32"))
+        x = tf.constant(_images(batch, size))
+        fn = tf.function(lambda t: folded(t, training=False))
+        for _ in range(5):
+            fn(x).numpy()
+    print(json.dumps({"path": path, "peak_rss_mb": _own_peak_rss_mb()}))
+
+
 def _own_peak_rss_mb():
     # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak over exec.
     try:
@@ -310,23 +411,28 @@ def _own_peak_rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def profile(size=224, batch=16, policy="float32", runs=3, top=12):
+def profile(size=224, batch=16, policy="float32", fused=True, runs=3, top=12):
     """Per-op-type time of one inference batch (WS precomputed), from TF's step stats.
 
     The model is frozen to a GraphDef (variables become constants, so the WS of
     the unfolded model is constant-folded too) and run in a v1 Session with a
-    full trace; the node timings are summed per op type.
+    full trace; the node timings are summed per op type, and GroupNorm's share
+    is the time of every node inside a `*_gn` layer (the fused op, or the
+    keras.ops composition with `fused=False`).
     """
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     model = _build(size, policy)
     fn = tf.function(lambda t: model(t, training=False))
-    frozen = convert_variables_to_constants_v2(fn.get_concrete_function(tf.TensorSpec((batch, size, size, 3))))
+    with _fused_kernels(fused):
+        concrete = fn.get_concrete_function(tf.TensorSpec((batch, size, size, 3)))
+    frozen = convert_variables_to_constants_v2(concrete)
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.import_graph_def(frozen.graph.as_graph_def(), name="")
     feed = {frozen.inputs[0].name: _images(batch, size)}
     totals = collections.Counter()
+    group_norm_micros = 0
     with tf.compat.v1.Session(graph=graph) as session:
         for _ in range(2):
             session.run(frozen.outputs[0].name, feed)
@@ -339,19 +445,23 @@ def profile(size=224, batch=16, policy="float32", runs=3, top=12):
                     label = node.timeline_label
                     op = label.split("=", 1)[1].split("(")[0].strip() if "=" in label else node.node_name
                     totals[op] += node.op_end_rel_micros - node.op_start_rel_micros
+                    if "_gn/" in node.node_name:
+                        group_norm_micros += node.op_end_rel_micros - node.op_start_rel_micros
     total = sum(totals.values())
     # What the unfolded model adds per call (per replica in training): standardizing every kernel.
     from keras_bit.layers import StandardizedConv2D, standardize_kernel
 
-    kernels = [layer.kernel for layer in model.layers if isinstance(layer, StandardizedConv2D)]
-    standardize_all = tf.function(lambda: [standardize_kernel(k) for k in kernels])
+    conv_kernels = [layer.kernel for layer in model.layers if isinstance(layer, StandardizedConv2D)]
+    standardize_all = tf.function(lambda: [standardize_kernel(k) for k in conv_kernels])
     ws_ms = 1000 * _median_seconds(lambda: [t.numpy() for t in standardize_all()], runs)
     return {
         "size": size,
         "batch": batch,
         "policy": policy,
+        "group_norm": "fused kernel" if fused else "keras.ops",
+        "group_norm_share": group_norm_micros / total,
         "ws_ms_per_call": ws_ms,
-        "ws_parameters": int(sum(np.prod(k.shape) for k in kernels)),
+        "ws_parameters": int(sum(np.prod(k.shape) for k in conv_kernels)),
         "ms_per_batch": total / runs / 1000,
         "top_ops": [
             {"op": op, "ms": micros / runs / 1000, "share": micros / total} for op, micros in totals.most_common(top)
@@ -376,7 +486,8 @@ def _print_table(report):
     if "matmul_gflops" in report:
         peak = report["matmul_gflops"]
         print(f"matmul peak: float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} GFLOP/s "
-              f"(R50x1 at 224 px = 8.46 GFLOP/image: float32 ceiling {peak['float32'] / 8.46:.1f} img/s)")
+              f"(R50x1 at 224 px = {R50X1_GFLOP_224} GFLOP/image: float32 ceiling "
+              f"{peak['float32'] / R50X1_GFLOP_224:.1f} img/s)")
     for kind, section in [(kind, s) for kind in ("inference", "training") for s in report.get(kind, [])]:
         print(f"\nR50x1 {kind}, {section['size']} px, batch {section['batch']} (img/s)")
         for name, value in section["img_per_s"].items():
@@ -384,6 +495,20 @@ def _print_table(report):
         for name, value in section["ratios"].items():
             shown = value if isinstance(value, str) else f"{value:.2f}x"
             print(f"  ratio {name:<52} {shown:>8}")
+        for note in section.get("notes", []):
+            print(f"  note: {note}")
+    if "trained_bf16" in report:
+        t = report["trained_bf16"]
+        print(f"\nmixed_bfloat16 vs float32 on a trained model ({t['model']}, {t['size']} px)")
+        for name in ("held-out", "all"):
+            r = t[name]
+            print(f"  {name + ' digits (' + str(r['images']) + ')':<30} top-1 agreement {100 * r['agreement']:6.2f}%  "
+                  f"accuracy fp32 {100 * r['fp32_accuracy']:6.2f}%  bf16 {100 * r['bf16_accuracy']:6.2f}%")
+    if "rss" in report:
+        r = report["rss"]
+        print(f"\npeak RSS, inference at {r['size']} px batch {r['batch']}, each path in a fresh process (MB)")
+        for name, value in r["peak_rss_mb"].items():
+            print(f"  {name:<58} {value if value is None else round(value):>8}")
     if "bf16" in report:
         b = report["bf16"]
         print(f"\nmixed_bfloat16 vs float32, {b['images']} random {b['size']} px images, top-1 agreement")
@@ -392,7 +517,8 @@ def _print_table(report):
         for name, value in b["max_feature_error"].items():
             print(f"  {'max ' + name + ' error / max |feature|':<58} {value:8.1e}")
     for p in report.get("profile", []):
-        print(f"\nprofile {p['policy']} {p['size']} px batch {p['batch']}: {p['ms_per_batch']:.0f} ms of op time "
+        print(f"\nprofile {p['policy']} {p['size']} px batch {p['batch']}, {p['group_norm']} GroupNorm: "
+              f"{p['ms_per_batch']:.0f} ms of op time, GroupNorm {100 * p['group_norm_share']:.1f}% "
               f"(WS precomputed; standardizing all {p['ws_parameters']:,} kernel weights costs "
               f"{p['ws_ms_per_call']:.1f} ms per call when it is not)")
         for op in p["top_ops"]:
@@ -403,7 +529,7 @@ def _print_table(report):
     print(f"{'peak RSS of the whole suite (every model it built)':<60} {info['peak_rss_mb']:8.0f} MB")
 
 
-SECTIONS = ("inference", "training", "bf16", "load", "profile")
+SECTIONS = ("inference", "training", "bf16", "trained-bf16", "rss", "load", "profile")
 
 
 def main(argv=None):
@@ -411,23 +537,37 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="224 px batch 16 only, fewer repeats")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections")
+    parser.add_argument("--trained-model", default="digits_run/model.keras",
+                        help="the README main job's model, for the trained-bf16 section (skipped if missing)")
     parser.add_argument("--load-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.load_child:
         return _load_child(args.load_child)
+    if args.rss_child:
+        return _rss_child(args.rss_child[0], int(args.rss_child[1]), int(args.rss_child[2]))
     sections = args.only or (("inference", "training", "load") if args.quick else SECTIONS)
 
     repeats = 3 if args.quick else 5
     configs = [(224, 16)] if args.quick else [(224, 16), (224, 1), (128, 16), (128, 1)]
     report = {"matmul_gflops": matmul_peak()}
     if "inference" in sections:
-        report["inference"] = [inference(size, batch, repeats, quick=args.quick) for size, batch in configs]
+        report["inference"] = [inference(size, batch, repeats, report["matmul_gflops"]["float32"], quick=args.quick)
+                               for size, batch in configs]
     if "training" in sections:
         report["training"] = [training(128, 16, steps=5 if args.quick else 10)]
     if "bf16" in sections:
         report["bf16"] = bf16_agreement()
+    if "trained-bf16" in sections:
+        if os.path.exists(args.trained_model):
+            report["trained_bf16"] = trained_bf16_agreement(args.trained_model)
+        else:
+            print(f"trained-bf16: {args.trained_model} not found (run the README main job first); skipped")
+    if "rss" in sections:
+        report["rss"] = peak_rss()
     if "profile" in sections:
-        report["profile"] = [profile(policy="float32"), profile(policy="mixed_bfloat16")]
+        report["profile"] = [profile(policy="float32"), profile(policy="mixed_bfloat16"),
+                             profile(policy="float32", fused=False), profile(policy="mixed_bfloat16", fused=False)]
     if "load" in sections:
         report["load"] = checkpoint_load(2 if args.quick else 3)
     report["info"] = {

@@ -159,7 +159,8 @@ class GroupNormalization(keras.layers.GroupNormalization):
         try:
             self.activation = keras.activations.get(activation)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"`activation` must be None or a Keras activation. Received: activation={activation!r}") from e
+            raise ValueError(
+                f"`activation` must be None or a Keras activation. Received: activation={activation!r}") from e
 
     def call(self, inputs):
         if len(inputs.shape) != 4 or self.axis not in (-1, 3):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -132,6 +133,20 @@ def test_folded_graph_has_no_kernel_moments_and_matches(model, tmp_path, rng):
     assert _kernel_moment_ops(path, "serving_default") == []
     unfolded = export_saved_model(model, tmp_path / "unfolded", class_names=EXPORT_CLASSES, fold=False)
     assert _kernel_moment_ops(unfolded, "serving_default")  # the check can fail: WS ops are visible when present
+
+
+def test_fold_to_bfloat16_stores_bfloat16_weights_and_keeps_a_float32_head(model, rng):
+    folded = fold_standardization(model, dtype="bfloat16")
+    head = folded.get_layer("head")
+    assert {w.dtype for layer in folded.layers if layer is not head for w in layer.weights} == {"bfloat16"}
+    assert {w.dtype for w in head.weights} == {"float32"} and head.compute_dtype == "float32"
+    x = keras_bit.preprocess_input(uint8_images(rng, 4, TINY_SIZE, TINY_SIZE))
+    features = keras.Model(model.input, model.get_layer("post_relu").output).predict(x, verbose=0)
+    low = keras.Model(folded.input, folded.get_layer("post_relu").output).predict(x, verbose=0)
+    error = np.abs(np.asarray(low, np.float32) - features).max() / np.abs(features).max()
+    assert 1e-4 < error < 0.05  # bfloat16 rounding: visible (the check can fail), small
+    with pytest.raises(ValueError, match=r"`dtype` must be None or 'bfloat16'. Received: dtype='float16'"):
+        fold_standardization(model, dtype="float16")
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax", None])
