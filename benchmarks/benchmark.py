@@ -43,10 +43,15 @@ import peers  # noqa: E402
 from keras_bit import kernels  # noqa: E402
 from keras_bit.export import export_saved_model, fold_standardization  # noqa: E402
 
-try:
-    import torch
-except ImportError:  # PyTorch is an optional peer only.
-    torch = None
+
+def _optional_torch():
+    """PyTorch, an optional peer, or None; imported only where used, so that no RSS child carries it."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
 
 MODEL = "BiT-S-R50x1"
 R50X1_GFLOP_224 = 8.46  # multiply-adds x 2 of BiT-R50x1 at 224 px
@@ -108,7 +113,7 @@ def _torch_model(seed=0):
     """The PyTorch baseline holding the same random checkpoint as `_real_scale_weights` gives keras_bit."""
     import torch_bit
 
-    torch.set_num_threads(os.cpu_count())
+    _optional_torch().set_num_threads(os.cpu_count())
     return torch_bit.load_official(torch_bit.ResNetV2(), _random_checkpoint(seed=seed)).eval()
 
 
@@ -229,6 +234,7 @@ def bf16_agreement(size=128, images=512, batch=32):
     _real_scale_weights(model)
     float32 = _with_features(model)
     bfloat16 = _with_features(_bf16_copy(model, size))
+    torch = _optional_torch()
     net = _torch_model() if torch is not None else None
     agree = collections.Counter()
     error = collections.defaultdict(float)
@@ -290,6 +296,7 @@ def training(size, batch, steps, warmup=3):
     }
     ratios = {"fused / keras.ops GroupNorm (fp32)": rows["keras_bit model.fit fp32, fused GroupNorm"] / rows[
         "keras_bit model.fit fp32, keras.ops GroupNorm"]}
+    torch = _optional_torch()
     notes = [peers.available("torch")] if torch is None else []
     if torch is not None:
         name, _ = peers.torch_model(classes=10)
@@ -310,7 +317,7 @@ def trained_bf16_agreement(model_path):
     """Top-1 agreement of mixed_bfloat16 with float32 on a model trained on real images.
 
     `model_path` is the README main job's `digits_run/model.keras` (BiT-M-R50x1
-    fine-tuned on scikit-learn's digits at 32 px); the images are its 360
+    fine-tuned on scikit-learn's digits at 32 px); the images are its
     held-out digits (the run's own split) and, for more cases, all 1797.
     Both models are folded and use the fused GroupNorm, as the fast paths do.
     """
@@ -445,7 +452,7 @@ def profile(size=224, batch=16, policy="float32", fused=True, runs=3, top=12):
                     label = node.timeline_label
                     op = label.split("=", 1)[1].split("(")[0].strip() if "=" in label else node.node_name
                     totals[op] += node.op_end_rel_micros - node.op_start_rel_micros
-                    if "_gn/" in node.node_name:
+                    if "_gn" in node.node_name:  # every node of a `*_gn` layer (named `..._gn[_N]/...`)
                         group_norm_micros += node.op_end_rel_micros - node.op_start_rel_micros
     total = sum(totals.values())
     # What the unfolded model adds per call (per replica in training): standardizing every kernel.
@@ -575,7 +582,7 @@ def main(argv=None):
         "cpus": os.cpu_count(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
-        "torch": torch.__version__ if torch is not None else None,
+        "torch": getattr(_optional_torch(), "__version__", None),
         "keras_bit": keras_bit.__version__,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

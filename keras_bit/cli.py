@@ -216,8 +216,9 @@ def _add_other_parsers(sub):
                    help="TF Serving version folder (default: the next free one)")
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
     p.add_argument("--top", type=_positive_int, default=5, help="top-k classes the export returns")
-    p.add_argument("--quantization", default=None, choices=("float16", "int8"),
-                   help="LiteRT only: float16 weights, or full-integer int8 (needs --representative-data)")
+    p.add_argument("--quantization", default=None, choices=("float16", "int8", "bfloat16"),
+                   help="litert: float16 weights, or full-integer int8 (needs --representative-data); "
+                        "tf_saved_model: bfloat16 weights and compute")
     p.add_argument("--representative-data", default=None,
                    help="int8: a folder of typical images to calibrate on (a few hundred)")
     p.add_argument("--max-pixels", type=_positive_int, default=None,
@@ -292,7 +293,7 @@ def _export(args):
     if args.format == "tf_saved_model" and args.output is None:
         path = export_saved_model(model, args.export_dir or DEFAULT_EXPORT_DIR, name=args.name, version=args.version,
                                   class_names=names, top_k=args.top, max_pixels=max_pixels,
-                                  jpeg_dct_scaling=args.jpeg_dct_scaling)
+                                  jpeg_dct_scaling=args.jpeg_dct_scaling, quantization=args.quantization)
     else:
         output = args.output or check_plain_name(args.name or model.name, "--name") + EXTENSIONS[args.format]
         path = export_model(model, output, args.format, class_names=names, quantization=args.quantization,
@@ -303,14 +304,18 @@ def _export(args):
 
 def _check_export_flags(args):
     """Flags that the chosen format would ignore are refused (exit 2) before anything is loaded."""
+    from keras_bit.export.formats import QUANTIZATION_FORMATS
+
     serving_layout = args.format == "tf_saved_model" and args.output is None
     unused = []
     if args.format != "tf_saved_model":
         unused += [f for f, v in (("--max-pixels", args.max_pixels), ("--jpeg-dct-scaling", args.jpeg_dct_scaling))
                    if v]
+    if args.quantization and args.format not in QUANTIZATION_FORMATS[args.quantization]:
+        unused.append(f"--quantization {args.quantization} (only with --format "
+                      f"{' or '.join(QUANTIZATION_FORMATS[args.quantization])})")
     if args.format != "litert":
-        unused += [f for f, v in (("--quantization", args.quantization),
-                                  ("--representative-data", args.representative_data)) if v]
+        unused += ["--representative-data"] if args.representative_data else []
     elif args.representative_data and args.quantization != "int8":
         unused.append("--representative-data (only with --quantization int8)")
     if not serving_layout:

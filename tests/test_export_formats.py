@@ -56,7 +56,10 @@ def test_quantized_litert_is_smaller_and_close(model, tmp_path, rng, quantizatio
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(format="tflite"), ValueError, r"`format` must be one of \('tf_saved_model', 'litert', 'onnx', 'openvino'\)"),
     (dict(format="onnx", path="model.tflite"), ValueError, r"A onnx export is a '\.onnx' file"),
-    (dict(format="onnx", quantization="int8"), ValueError, "only available for format='litert'"),
+    (dict(format="onnx", quantization="int8"), ValueError,
+     r"quantization='int8' is only available for format='litert'. Received: format='onnx'"),
+    (dict(quantization="bfloat16"), ValueError,
+     r"quantization='bfloat16' is only available for format='tf_saved_model'. Received: format='litert'"),
     (dict(quantization="int4"), ValueError, "`quantization` must be one of"),
     (dict(quantization="int8"), ValueError, "quantization='int8' needs `representative_data`"),
     (dict(representative_data=np.zeros((1, 8, 8, 3), np.uint8)), ValueError, "only used with quantization='int8'"),

@@ -149,6 +149,25 @@ def test_fold_to_bfloat16_stores_bfloat16_weights_and_keeps_a_float32_head(model
         fold_standardization(model, dtype="float16")
 
 
+def test_bfloat16_saved_model_is_half_the_size_and_close(model, tmp_path, rng):
+    float32 = export_saved_model(model, tmp_path, name="f32", class_names=EXPORT_CLASSES)
+    bfloat16 = export_saved_model(model, tmp_path, name="bf16", class_names=EXPORT_CLASSES, quantization="bfloat16")
+
+    def weight_bytes(path):
+        folder = os.path.join(path, "variables")
+        return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+    assert 0.45 < weight_bytes(bfloat16) / weight_bytes(float32) < 0.6
+    images = uint8_images(rng, 8, TINY_SIZE, TINY_SIZE)
+    outputs = [tf.saved_model.load(p).signatures["serving_default"](images=tf.constant(images))["probabilities"]
+               for p in (float32, bfloat16)]
+    assert outputs[1].dtype == tf.float32
+    error = np.abs(outputs[1].numpy() - outputs[0].numpy()).max()
+    assert 1e-6 < error < 0.02, error  # bfloat16 rounding: visible, small
+    with pytest.raises(ValueError, match=r"`quantization` must be one of \(None, 'bfloat16'\) for a SavedModel"):
+        export_saved_model(model, tmp_path, name="f16", quantization="float16")
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax", None])
 def test_the_head_keeps_its_own_activation(tmp_path, rng, activation):
     model = tiny_model(classes=5, classifier_activation=activation)

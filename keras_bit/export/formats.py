@@ -32,7 +32,9 @@ tf = _tensorflow("Model export")
 logger = logging.getLogger("keras_bit")
 
 FORMATS = ("tf_saved_model", "litert", "onnx", "openvino")
-QUANTIZATIONS = (None, "float16", "int8")
+QUANTIZATIONS = (None, "float16", "int8", "bfloat16")
+# Which formats take which quantization: LiteRT's converter quantizes; a SavedModel can hold bfloat16 weights.
+QUANTIZATION_FORMATS = {"float16": ("litert",), "int8": ("litert",), "bfloat16": ("tf_saved_model",)}
 EXTENSIONS = {"litert": ".tflite", "onnx": ".onnx", "openvino": ".xml"}
 # Python packages each format's writer needs (the `export` extra installs them and the runtimes).
 _WRITERS = {"onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
@@ -43,9 +45,10 @@ def _check_arguments(path, format, quantization, representative_data):
         raise ValueError(f"`format` must be one of {FORMATS}. Received: format={format!r}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"`quantization` must be one of {QUANTIZATIONS}. Received: quantization={quantization!r}")
-    if quantization is not None and format != "litert":
-        raise ValueError(f"`quantization` is only available for format='litert'. Received: format={format!r}, "
-                         f"quantization={quantization!r}")
+    if quantization is not None and format not in QUANTIZATION_FORMATS[quantization]:
+        raise ValueError(f"quantization={quantization!r} is only available for format="
+                         f"{' or '.join(map(repr, QUANTIZATION_FORMATS[quantization]))}. "
+                         f"Received: format={format!r}")
     if quantization == "int8" and representative_data is None:
         raise ValueError("quantization='int8' needs `representative_data`: uint8 images [n, height, width, 3] "
                          "(a few hundred typical inputs) to calibrate the integer ranges.")
@@ -133,10 +136,11 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
         class_names: list of names in label order (SavedModel: `top_k_labels`;
             others: `<path>.labels.txt`); default ImageNet names for
             1000/21843-class heads when available.
-        quantization: LiteRT only: None (float32), "float16" (weights), or
-            "int8" (integer kernels calibrated on `representative_data`; the
-            file is test-run in a child process and refused with
-            `ExportError` if it crashes the interpreter).
+        quantization: None (float32). LiteRT: "float16" (weights), or "int8"
+            (integer kernels calibrated on `representative_data`; the file is
+            test-run in a child process and refused with `ExportError` if it
+            crashes the interpreter). SavedModel: "bfloat16" (weights stored
+            and run in bfloat16, see `fold_standardization`).
         representative_data: uint8 images `[n, height, width, 3]` for int8.
         top_k: how many classes `top_k_indices` / `top_k_scores` hold.
         image_size: `(height, width)` inputs are resized to (default: the
@@ -155,7 +159,8 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
         >>> runner = keras_bit.export.load_exported("bit.onnx")
     """
     _check_arguments(path, format, quantization, representative_data)
-    served = serving.serving_model(model, image_size, top_k, activation)
+    served = serving.serving_model(model, image_size, top_k, activation,
+                                   dtype="bfloat16" if quantization == "bfloat16" else None)
     classes = int(model.output_shape[-1])
     class_names = serving.check_class_names(class_names, classes)
     if class_names is None:

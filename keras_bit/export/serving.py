@@ -137,7 +137,7 @@ def imagenet_class_names(classes, cache_dir=None):
     return None
 
 
-def serving_model(model, image_size=None, top_k=5, activation="auto", fold=True):
+def serving_model(model, image_size=None, top_k=5, activation="auto", fold=True, dtype=None):
     """The exported function as a Keras model: uint8 pixels of any size -> probabilities and top-k.
 
     Args:
@@ -146,6 +146,8 @@ def serving_model(model, image_size=None, top_k=5, activation="auto", fold=True)
         top_k: how many classes `top_k_*` hold (at most the number of classes).
         activation: see `needs_softmax`.
         fold: fold weight standardization into the kernels (same function, faster).
+        dtype: None, or "bfloat16" to store and run the folded network in
+            bfloat16 (see `fold_standardization`; needs `fold=True`).
 
     Returns:
         A Functional model with input `images` (uint8 `[batch, None, None, 3]`)
@@ -155,7 +157,9 @@ def serving_model(model, image_size=None, top_k=5, activation="auto", fold=True)
     height, width = input_size(model, image_size)
     softmax = needs_softmax(model, activation)
     classes = int(model.output_shape[-1])
-    network = fold_standardization(model) if fold else model
+    if dtype is not None and not fold:
+        raise ValueError(f"dtype={dtype!r} needs fold=True (the folded network is the one stored in {dtype}).")
+    network = fold_standardization(model, dtype) if fold else model
     # The network from resized float pixels in [0, 255]: the SavedModel's bytes signature decodes and resizes
     # each image on its own, then calls this part directly.
     pixels = keras.Input((height, width, 3), name="pixels")
