@@ -22,7 +22,10 @@ import pytest
 from helpers import run_finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = dict(batch_size=8, steps=8, checkpoint_every=2, mixup=0.0)
+# base_lr 0.05, not run_finetune's 0.5: at 0.5 these 8 steps are chaotic (a 1e-7 change of summation order grows
+# about 10x per step, measured), so the comparison below would only pass where the two summation orders happen to
+# agree to the last bit.
+SETTINGS = dict(batch_size=8, steps=8, checkpoint_every=2, mixup=0.0, base_lr=0.05)
 
 WORKER = textwrap.dedent(
     """
@@ -34,7 +37,7 @@ WORKER = textwrap.dedent(
     settings = json.loads(sys.argv[2])
     pause = float(sys.argv[3])  # seconds per step, so that the test can kill a worker mid-run
     slow = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: time.sleep(pause))
-    result = keras_bit.finetune(TINY_BUILDER, learnable(), resolution=(36, 32), base_lr=0.5,
+    result = keras_bit.finetune(TINY_BUILDER, learnable(), resolution=(36, 32),
                                 output_dir=sys.argv[1], verbose=0, callbacks=[slow], **settings)
     strategy = result.model.distribute_strategy
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "type": type(strategy).__name__,

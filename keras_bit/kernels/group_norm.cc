@@ -63,31 +63,40 @@ void channel_sums(int64 rows, int64 channels, double* out, F f) {
   }
 }
 
-// Splits `rows` rows of `samples` samples into units of work: one per sample when there are at least
-// as many samples as threads (each sample stays in one core's cache), else `chunks` per sample.
+// Each sample's rows are cut into chunks of kChunkRows; per-chunk partial sums are combined in a fixed order,
+// so results do not depend on the batch size or the thread count. The work units are whole samples when there
+// are at least as many samples as threads (all passes while a sample is in cache), else (sample, chunk) pairs.
+constexpr int64 kChunkRows = 256;
+
 struct Plan {
   int64 samples, rows, channels, groups, chunks;
-  int64 unit_rows() const { return (rows + chunks - 1) / chunks; }
-  int64 begin(int64 chunk) const { return std::min(rows, chunk * unit_rows()); }
-  int64 end(int64 chunk) const { return std::min(rows, (chunk + 1) * unit_rows()); }
+  bool per_sample;
+  int64 begin(int64 chunk) const { return std::min(rows, chunk * kChunkRows); }
+  int64 end(int64 chunk) const { return std::min(rows, (chunk + 1) * kChunkRows); }
 };
 
 Plan make_plan(OpKernelContext* ctx, const Tensor& x, int64 groups) {
   const int threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
-  Plan plan{x.dim_size(0), x.dim_size(1) * x.dim_size(2), x.dim_size(3), groups, 1};
-  if (plan.samples < threads) plan.chunks = std::min<int64>(std::max<int64>(plan.rows, 1),
-                                                             (threads + plan.samples - 1) / plan.samples);
-  return plan;
+  const int64 rows = x.dim_size(1) * x.dim_size(2);
+  return Plan{x.dim_size(0), rows, x.dim_size(3), groups, std::max<int64>(1, (rows + kChunkRows - 1) / kChunkRows),
+              x.dim_size(0) >= threads};
 }
 
+// Runs f(sample, chunk) for every chunk: one unit per sample (its chunks in order) or one per (sample, chunk).
 template <typename F>
 void run_units(OpKernelContext* ctx, const Plan& plan, F f) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  const int64 cost = plan.unit_rows() * plan.channels * 8;
-  ::tensorflow::Shard(workers->num_threads, workers->workers, plan.samples * plan.chunks, cost,
-                      [&](int64 first, int64 last) {
-                        for (int64 unit = first; unit < last; ++unit) f(unit / plan.chunks, unit % plan.chunks);
-                      });
+  const int64 units = plan.per_sample ? plan.samples : plan.samples * plan.chunks;
+  const int64 cost = (plan.per_sample ? plan.rows : kChunkRows) * plan.channels * 8;
+  ::tensorflow::Shard(workers->num_threads, workers->workers, units, cost, [&](int64 first, int64 last) {
+    for (int64 unit = first; unit < last; ++unit) {
+      if (plan.per_sample) {
+        for (int64 s = 0; s < plan.chunks; ++s) f(unit, s);
+      } else {
+        f(unit / plan.chunks, unit % plan.chunks);
+      }
+    }
+  });
 }
 
 // Per (sample, chunk) partial sums [samples, chunks, channels] -> per (sample, group) totals.
@@ -100,6 +109,37 @@ void group_totals(const Plan& plan, const std::vector<double>& partial, const fl
       for (int64 c = 0; c < plan.channels; ++c)
         (*totals)[n * plan.groups + c / per_group] +=
             partial[(n * plan.chunks + s) * plan.channels + c] * (weight ? weight[c] : 1.0f);
+}
+
+// Per-sample float values [samples, channels] summed pairwise (halves first): the sum over a batch equals the
+// float sum of its two halves' sums, as when data-parallel replicas all-reduce their gradients, and the error
+// grows with log(samples), not samples.
+void pairwise_sum(const std::vector<float>& values, int64 channels, int64 lo, int64 hi, float* out) {
+  if (hi - lo < 1) {
+    std::fill(out, out + channels, 0.0f);
+    return;
+  }
+  if (hi - lo == 1) {
+    std::copy(values.begin() + lo * channels, values.begin() + hi * channels, out);
+    return;
+  }
+  const int64 mid = lo + (hi - lo) / 2;
+  std::vector<float> right(channels);
+  pairwise_sum(values, channels, lo, mid, out);
+  pairwise_sum(values, channels, mid, hi, right.data());
+  for (int64 c = 0; c < channels; ++c) out[c] += right[c];
+}
+
+// Per (sample, chunk) partials -> one float per sample and channel -> `out[c]`, the pairwise sum over samples.
+void sum_over_samples(const Plan& plan, const std::vector<double>& partial, float* out) {
+  std::vector<float> per_sample(plan.samples * plan.channels);
+  for (int64 n = 0; n < plan.samples; ++n)
+    for (int64 c = 0; c < plan.channels; ++c) {
+      double total = 0.0;
+      for (int64 s = 0; s < plan.chunks; ++s) total += partial[(n * plan.chunks + s) * plan.channels + c];
+      per_sample[n * plan.channels + c] = static_cast<float>(total);
+    }
+  pairwise_sum(per_sample, plan.channels, 0, plan.samples, out);
 }
 
 void check_inputs(OpKernelContext* ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta, int64 groups) {
@@ -191,14 +231,18 @@ class GroupNormOp : public OpKernel {
         rstd[n * groups_ + k] = 1.0f / std::sqrt(static_cast<float>(total / count) + epsilon_);
       }
     };
-    if (plan.chunks == 1) {  // one unit per sample: all passes while the sample is in cache
-      run_units(ctx, plan, [&](int64 n, int64 s) {
-        sums(n, s);
-        finish_mean(n);
-        deviations(n, s);
-        finish_rstd(n);
-        apply(n, s);
-      });
+    if (plan.per_sample) {  // one unit per sample: all passes while the sample is in cache
+      auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+      ::tensorflow::Shard(workers->num_threads, workers->workers, plan.samples, plan.rows * C * 24,
+                          [&](int64 first, int64 last) {
+                            for (int64 n = first; n < last; ++n) {
+                              for (int64 s = 0; s < plan.chunks; ++s) sums(n, s);
+                              finish_mean(n);
+                              for (int64 s = 0; s < plan.chunks; ++s) deviations(n, s);
+                              finish_rstd(n);
+                              for (int64 s = 0; s < plan.chunks; ++s) apply(n, s);
+                            }
+                          });
       return;
     }
     run_units(ctx, plan, sums);
@@ -306,10 +350,8 @@ class GroupNormGradOp : public OpKernel {
     group_totals(plan, sum_dz, g, &group_dz);
     group_totals(plan, sum_dz_xhat, g, &group_dz_xhat);
     run_units(ctx, plan, apply);
-    for (int64 i = 0; i < partials; ++i) {
-      dbeta[i % C] += static_cast<float>(sum_dz[i]);
-      dgamma[i % C] += static_cast<float>(sum_dz_xhat[i]);
-    }
+    sum_over_samples(plan, sum_dz, dbeta);
+    sum_over_samples(plan, sum_dz_xhat, dgamma);
   }
 
  private:
