@@ -94,6 +94,29 @@ def test_kernel_bfloat16_matches_float32_rounded(library, rng, monkeypatch):
     np.testing.assert_allclose(fused[0], expected, rtol=2 ** -8, atol=2 ** -8 * np.abs(expected).max())
 
 
+def test_kernel_results_do_not_depend_on_the_batch(library, rng):
+    """Each sample's output and input gradient are the same bits in any batch (and on any thread count), and
+    gamma / beta gradients of a batch are the float sums of its halves', as data-parallel replicas add them."""
+    shape = (8, 20, 18, 64)  # 360 rows: two 256-row chunks, so batch 1 splits its sample across threads
+    x = tf.constant(rng.normal(5.0, 0.01, shape).astype("float32"))  # |mean| >> std: rounding differences show
+    dy = tf.constant(rng.normal(size=shape).astype("float32"))
+    gamma, beta = tf.constant(rng.normal(size=64).astype("float32")), tf.constant(rng.normal(size=64).astype("float32"))
+
+    def run(rows):
+        y, mean, rstd = library.keras_bit_group_norm(x[rows], gamma, beta, groups=32, epsilon=1e-5, relu=True)
+        return [y.numpy()] + [t.numpy() for t in library.keras_bit_group_norm_grad(
+            dy[rows], x[rows], gamma, beta, mean, rstd, groups=32, relu=True)]
+
+    whole = run(slice(0, 8))
+    halves = [run(slice(0, 4)), run(slice(4, 8))]
+    single = run(slice(2, 3))
+    for i in (0, 1):  # y, dx
+        np.testing.assert_array_equal(np.concatenate([h[i] for h in halves]), whole[i])
+        np.testing.assert_array_equal(single[i], whole[i][2:3])
+    for i in (2, 3):  # dgamma, dbeta
+        np.testing.assert_array_equal(halves[0][i] + halves[1][i], whole[i])
+
+
 def test_kernel_constant_and_empty_inputs(library, rng, monkeypatch):
     layer = _layer(rng, 64)
     _, beta = layer.get_weights()
