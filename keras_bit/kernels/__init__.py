@@ -1,13 +1,17 @@
 """Fused CPU kernels for TensorFlow, built on first use; the keras.ops layers are the fallback.
 
 `group_norm` runs BiT's GroupNorm (+ ReLU) as one TensorFlow op (group_norm.cc)
-instead of ~11 separate passes over the batch. The op is compiled from the
+instead of ~11 separate passes over the batch; its gradient is a second fused
+op. Results do not depend on the batch size or thread count: a sample's
+output is the same bits in any batch, and parameter gradients are pairwise
+sums over samples (a batch's equals the sum of its halves'). The op is compiled from the
 source shipped in the package with the machine's C++ compiler (`$CXX`, else
 `c++`) against the installed TensorFlow's headers (`tf.sysconfig`), once per
 (source, TensorFlow, compiler, CPU), into `$KERAS_HOME/keras_bit_kernels/`
 (default `~/.keras`), written atomically. Nothing is needed beyond a plain
 `pip install`: without a compiler, or if the build fails, a warning says so
-once and the layers use their keras.ops implementation (same numerics, slower).
+once and the layers use their keras.ops implementation (the same function to
+float32 rounding, slower).
 
 The kernel is used only where it can run and be saved: TensorFlow backend,
 CPU-only machines (a GPU or TPU keeps TensorFlow's own kernels), outside XLA
@@ -18,6 +22,7 @@ standard ops. `KERAS_BIT_FUSED_KERNELS=0` turns it off.
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import subprocess
@@ -31,6 +36,7 @@ FUSED_DTYPES = ("float32", "bfloat16")
 _state = {"library": None, "tried": False}
 _lock = threading.Lock()
 _portable = threading.local()
+logger = logging.getLogger("keras_bit")
 
 
 @contextlib.contextmanager
@@ -140,6 +146,7 @@ def _build_if_missing(tf):
     if os.path.exists(path):
         return path
     os.makedirs(folder, exist_ok=True)
+    logger.info("Building keras_bit's fused GroupNorm kernel into %s (once per machine and TensorFlow)", path)
     fd, tmp = tempfile.mkstemp(prefix=".group_norm_", suffix=".so.part", dir=folder)
     os.close(fd)
     try:
