@@ -167,7 +167,9 @@ class GroupNormalization(keras.layers.GroupNormalization):
             return self.activation(super().call(inputs))
         gamma = self.gamma if self.scale else ops.ones((inputs.shape[-1],))
         beta = self.beta if self.center else ops.zeros((inputs.shape[-1],))
-        if self.activation in (keras.activations.relu, keras.activations.linear):
+        # The kernel returns its input's dtype: only where that is the layer's compute dtype.
+        if (self.activation in (keras.activations.relu, keras.activations.linear)
+                and keras.backend.standardize_dtype(inputs.dtype) == self.compute_dtype):
             outputs = kernels.group_norm(inputs, ops.cast(gamma, "float32"), ops.cast(beta, "float32"), self.groups,
                                          self.epsilon, relu=self.activation is keras.activations.relu)
             if outputs is not None:

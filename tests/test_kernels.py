@@ -47,7 +47,7 @@ def _layer(rng, channels, groups=32, activation="relu", dtype=None):
 def _value_and_gradients(layer, x, upstream, fused, monkeypatch):
     """The layer's output and d(sum(output * upstream)) / d(x, gamma, beta), with or without the kernel."""
     monkeypatch.setenv(kernels.ENV_SWITCH, "1" if fused else "0")
-    x = tf.constant(x)
+    x = tf.cast(tf.constant(x), layer.compute_dtype)  # as the previous layer hands it over
 
     @tf.function
     def run(x):
@@ -115,6 +115,20 @@ def test_kernel_results_do_not_depend_on_the_batch(library, rng):
         np.testing.assert_array_equal(single[i], whole[i][2:3])
     for i in (2, 3):  # dgamma, dbeta
         np.testing.assert_array_equal(halves[0][i] + halves[1][i], whole[i])
+
+
+def test_kernel_propagates_nan_and_inf_like_the_ops_path(library, rng, monkeypatch):
+    """A NaN or Inf input poisons its sample's group in both paths; the fused ReLU must not turn NaN into 0."""
+    layer = _layer(rng, 64)
+    x = rng.normal(size=(3, 4, 4, 64)).astype("float32")
+    x[0, 1, 2, 5], x[1, 0, 0, 40] = np.nan, np.inf
+    outputs = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv(kernels.ENV_SWITCH, fused)
+        outputs.append(np.asarray(tf.function(layer)(tf.constant(x))))
+    np.testing.assert_array_equal(np.isnan(outputs[0]), np.isnan(outputs[1]))
+    assert np.isnan(outputs[0][0, ..., 4:6]).all() and np.isnan(outputs[0][1, ..., 40:42]).all()
+    assert np.isfinite(outputs[0][2]).all()
 
 
 def test_kernel_constant_and_empty_inputs(library, rng, monkeypatch):

@@ -17,7 +17,10 @@ The kernel is used only where it can run and be saved: TensorFlow backend,
 CPU-only machines (a GPU or TPU keeps TensorFlow's own kernels), outside XLA
 and outside `tf.saved_model.save`, and never inside `portable()`, which the
 exporters use so that SavedModel / LiteRT / ONNX / OpenVINO files contain only
-standard ops. `KERAS_BIT_FUSED_KERNELS=0` turns it off.
+standard ops. `KERAS_BIT_FUSED_KERNELS=0` turns it off. Both are read when a
+function is traced: set the variable before the first call, and trace inside
+`portable()` any function you hand to a converter yourself. The library is
+native code loaded from `$KERAS_HOME`: that folder must be trusted.
 """
 
 import contextlib
@@ -101,7 +104,7 @@ def library():
             _state["tried"] = True
             try:
                 _state["library"] = _load()
-            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure to build or load means: use keras.ops, and say so
                 warnings.warn(
                     f"keras_bit: the fused GroupNorm kernel could not be built ({e}); using the keras.ops "
                     f"GroupNorm instead (same results, slower on CPU). Set {ENV_SWITCH}=0 to skip the build.",
@@ -131,7 +134,7 @@ def _compile_command(tf, output):
 def _build_if_missing(tf):
     command = _compile_command(tf, "OUTPUT")
     try:
-        compiler = subprocess.run([command[0], "--version"], capture_output=True, text=True, timeout=60).stdout
+        compiler = subprocess.run([command[0], "--version"], capture_output=True, text=True, errors="replace", timeout=60).stdout
     except FileNotFoundError as e:
         raise RuntimeError(f"no C++ compiler {command[0]!r} (set $CXX)") from e
     key = hashlib.sha256()
@@ -150,10 +153,11 @@ def _build_if_missing(tf):
     fd, tmp = tempfile.mkstemp(prefix=".group_norm_", suffix=".so.part", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run(_compile_command(tf, tmp), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(_compile_command(tf, tmp), capture_output=True, text=True, errors="replace", timeout=600)
         if done.returncode:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
             raise RuntimeError(f"{command[0]} failed: {errors[0] if errors else done.returncode}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from other users of a shared $KERAS_HOME
         os.replace(tmp, path)  # atomic: another process sees the whole library or none
     finally:
         if os.path.exists(tmp):

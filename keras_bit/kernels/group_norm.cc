@@ -3,7 +3,7 @@
 // Why: TensorFlow composes GroupNorm from separate reductions and elementwise ops, each streaming the
 // whole batch through memory (about 11 passes with the ReLU). These kernels work one sample at a time
 // (its activations fit in cache) with 3 passes forward (channel sums, squared deviations from the group
-// mean, apply scale + shift + ReLU) and 2 backward, accumulating in double; bfloat16 in and out, float32
+// mean, apply scale + shift + ReLU) and 3 backward (two channel sums, then dx), accumulating in double; bfloat16 in and out, float32
 // arithmetic. Numerics are the two-pass group statistics of keras_bit.layers.GroupNormalization.
 // Built at first use by keras_bit/kernels/__init__.py; the keras.ops implementation is the fallback.
 
@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -169,7 +170,11 @@ class GroupNormOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({x.dim_size(0), groups_}), &mean_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({x.dim_size(0), groups_}), &rstd_out));
-    if (x.NumElements() == 0) return;
+    if (x.NumElements() == 0) {  // no values: the statistics of an empty set
+      mean_out->flat<float>().setConstant(std::numeric_limits<float>::quiet_NaN());
+      rstd_out->flat<float>().setConstant(std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
     const Plan plan = make_plan(ctx, x, groups_);
     const S* xs = reinterpret_cast<const S*>(x.flat<T>().data());
     S* ys = reinterpret_cast<S*>(y->flat<T>().data());
@@ -210,7 +215,7 @@ class GroupNormOp : public OpKernel {
       for (int64 i = 0; i < size; i += C) {
         for (int64 c = 0; c < C; ++c) {
           float v = load(xn, i + c) * scale[c] + shift[c];
-          if (relu_) v = v > 0.0f ? v : 0.0f;
+          if (relu_ && v < 0.0f) v = 0.0f;  // NaN stays NaN, as in TensorFlow's Relu
           store(yn, i + c, v);
         }
       }
@@ -274,6 +279,9 @@ class GroupNormGradOp : public OpKernel {
     check_inputs(ctx, x, gamma, beta, groups_);
     if (!ctx->status().ok()) return;
     OP_REQUIRES(ctx, dy.shape() == x.shape(), ::tensorflow::errors::InvalidArgument("dy and x differ in shape"));
+    OP_REQUIRES(ctx, ctx->input(4).NumElements() == x.dim_size(0) * groups_ &&
+                         ctx->input(5).NumElements() == x.dim_size(0) * groups_,
+                ::tensorflow::errors::InvalidArgument("mean and rstd need one value per sample and group"));
     Tensor *dx_out, *dgamma_out, *dbeta_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, gamma.shape(), &dgamma_out));
