@@ -134,7 +134,8 @@ def _compile_command(tf, output):
 def _build_if_missing(tf):
     command = _compile_command(tf, "OUTPUT")
     try:
-        compiler = subprocess.run([command[0], "--version"], capture_output=True, text=True, errors="replace", timeout=60).stdout
+        compiler = subprocess.run([command[0], "--version"], capture_output=True, text=True, errors="replace",
+                                  timeout=60).stdout
     except FileNotFoundError as e:
         raise RuntimeError(f"no C++ compiler {command[0]!r} (set $CXX)") from e
     key = hashlib.sha256()
