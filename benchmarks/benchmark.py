@@ -1,6 +1,6 @@
 """keras_bit speed benchmarks against the peers users pick: img/s, the machine's ceiling, RSS, profile.
 
-    python benchmarks/benchmark.py            # full suite (about 25 minutes on 2 cores)
+    python benchmarks/benchmark.py            # full suite (about 6 minutes on a 2-core Zen 5)
     python benchmarks/benchmark.py --quick    # 224 px batch 16 inference + training, fewer repeats
     python benchmarks/benchmark.py --json     # machine-readable (also with --quick)
     python benchmarks/benchmark.py --only profile   # sections: inference, training, bf16, trained-bf16, rss,
