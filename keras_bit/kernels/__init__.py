@@ -9,7 +9,7 @@ source shipped in the package with the machine's C++ compiler (`$CXX`, else
 `c++`) against the installed TensorFlow's headers (`tf.sysconfig`), once per
 (source, TensorFlow, compiler, CPU), into `$KERAS_HOME/keras_bit_kernels/`
 (default `~/.keras`), written atomically. Nothing is needed beyond a plain
-`pip install`: without a compiler, or if the build fails, a warning says so
+`pip install`: without a compiler, or if the build fails, a logged warning says so
 once and the layers use their keras.ops implementation (the same function to
 float32 rounding, slower).
 
@@ -31,7 +31,6 @@ import platform
 import subprocess
 import tempfile
 import threading
-import warnings
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "group_norm.cc")
 ENV_SWITCH = "KERAS_BIT_FUSED_KERNELS"
@@ -105,11 +104,10 @@ def library():
             try:
                 _state["library"] = _load()
             except Exception as e:  # noqa: BLE001 - any failure to build or load means: use keras.ops, and say so
-                warnings.warn(
-                    f"keras_bit: the fused GroupNorm kernel could not be built ({e}); using the keras.ops "
-                    f"GroupNorm instead (same results, slower on CPU). Set {ENV_SWITCH}=0 to skip the build.",
-                    stacklevel=4,
-                )
+                # A log line, not a warning: the CLI prints it as one line; Python users see it on stderr.
+                logger.warning(
+                    "keras_bit's fused GroupNorm kernel could not be built (%s); using the keras.ops GroupNorm "
+                    "instead (same function, slower on CPU). Set %s=0 to skip the build.", e, ENV_SWITCH)
         return _state["library"]
 
 
