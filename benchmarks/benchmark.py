@@ -125,7 +125,10 @@ def _fused_kernels(on):
     try:
         yield
     finally:
-        os.environ.pop(kernels.ENV_SWITCH) if previous is None else os.environ.update({kernels.ENV_SWITCH: previous})
+        if previous is None:
+            del os.environ[kernels.ENV_SWITCH]
+        else:
+            os.environ[kernels.ENV_SWITCH] = previous
 
 
 def _gflop_per_image(size):

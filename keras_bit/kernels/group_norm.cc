@@ -83,33 +83,58 @@ Plan make_plan(OpKernelContext* ctx, const Tensor& x, int64 groups) {
               x.dim_size(0) >= threads};
 }
 
-// Runs f(sample, chunk) for every chunk: one unit per sample (its chunks in order) or one per (sample, chunk).
+// Runs f(unit) for units 0..units-1 on TensorFlow's CPU worker threads.
 template <typename F>
-void run_units(OpKernelContext* ctx, const Plan& plan, F f) {
+void shard(OpKernelContext* ctx, int64 units, int64 cost_per_unit, F f) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-  const int64 units = plan.per_sample ? plan.samples : plan.samples * plan.chunks;
-  const int64 cost = (plan.per_sample ? plan.rows : kChunkRows) * plan.channels * 8;
-  ::tensorflow::Shard(workers->num_threads, workers->workers, units, cost, [&](int64 first, int64 last) {
-    for (int64 unit = first; unit < last; ++unit) {
-      if (plan.per_sample) {
-        for (int64 s = 0; s < plan.chunks; ++s) f(unit, s);
-      } else {
-        f(unit / plan.chunks, unit % plan.chunks);
-      }
-    }
+  ::tensorflow::Shard(workers->num_threads, workers->workers, units, cost_per_unit, [&](int64 first, int64 last) {
+    for (int64 unit = first; unit < last; ++unit) f(unit);
   });
 }
 
-// Per (sample, chunk) partial sums [samples, chunks, channels] -> per (sample, group) totals.
-void group_totals(const Plan& plan, const std::vector<double>& partial, const float* weight,
-                  std::vector<double>* totals) {
+// Runs f(sample, chunk) for every chunk: one unit per sample (its chunks in order) or one per (sample, chunk).
+template <typename F>
+void run_units(OpKernelContext* ctx, const Plan& plan, F f) {
+  if (plan.per_sample) {
+    shard(ctx, plan.samples, plan.rows * plan.channels * 8, [&](int64 n) {
+      for (int64 s = 0; s < plan.chunks; ++s) f(n, s);
+    });
+  } else {
+    shard(ctx, plan.samples * plan.chunks, kChunkRows * plan.channels * 8,
+          [&](int64 unit) { f(unit / plan.chunks, unit % plan.chunks); });
+  }
+}
+
+// One sample's per-channel y = x * scale + shift (the forward pass, and the gradient's ReLU mask: one function,
+// so that both compute the same bits).
+void sample_affine(const float* mean, const float* rstd, const float* gamma, const float* beta, int64 n,
+                   int64 groups, int64 channels, float* scale, float* shift) {
+  const int64 per_group = channels / groups;
+  for (int64 c = 0; c < channels; ++c) {
+    const int64 k = n * groups + c / per_group;
+    scale[c] = rstd[k] * gamma[c];
+    shift[c] = beta[c] - mean[k] * scale[c];
+  }
+}
+
+// Per (sample, chunk) partial sums [samples, chunks, channels] -> the total of sample n's group k, chunks then
+// channels in order, each channel's partial times weight[c] (or 1).
+double group_total(const Plan& plan, const std::vector<double>& partial, int64 n, int64 k,
+                   const float* weight = nullptr) {
   const int64 per_group = plan.channels / plan.groups;
-  totals->assign(plan.samples * plan.groups, 0.0);
+  double total = 0.0;
+  for (int64 s = 0; s < plan.chunks; ++s)
+    for (int64 c = k * per_group; c < (k + 1) * per_group; ++c)
+      total += partial[(n * plan.chunks + s) * plan.channels + c] * (weight ? weight[c] : 1.0f);
+  return total;
+}
+
+// The totals of every sample and group, [samples, groups].
+std::vector<double> group_totals(const Plan& plan, const std::vector<double>& partial, const float* weight) {
+  std::vector<double> totals(plan.samples * plan.groups);
   for (int64 n = 0; n < plan.samples; ++n)
-    for (int64 s = 0; s < plan.chunks; ++s)
-      for (int64 c = 0; c < plan.channels; ++c)
-        (*totals)[n * plan.groups + c / per_group] +=
-            partial[(n * plan.chunks + s) * plan.channels + c] * (weight ? weight[c] : 1.0f);
+    for (int64 k = 0; k < plan.groups; ++k) totals[n * plan.groups + k] = group_total(plan, partial, n, k, weight);
+  return totals;
 }
 
 // Per-sample float values [samples, channels] summed pairwise (halves first): the sum over a batch equals the
@@ -184,7 +209,7 @@ class GroupNormOp : public OpKernel {
     float* rstd = rstd_out->flat<float>().data();
     const int64 C = plan.channels, per_group = C / groups_;
     const double count = static_cast<double>(plan.rows) * per_group;
-    std::vector<double> partial(plan.samples * plan.chunks * C, 0.0), totals;
+    std::vector<double> partial(plan.samples * plan.chunks * C, 0.0);
 
     auto sums = [&](int64 n, int64 s) {
       const S* xn = xs + (n * plan.rows + plan.begin(s)) * C;
@@ -204,11 +229,7 @@ class GroupNormOp : public OpKernel {
     };
     auto apply = [&](int64 n, int64 s) {
       std::vector<float> scale(C), shift(C);
-      for (int64 c = 0; c < C; ++c) {
-        const int64 k = n * groups_ + c / per_group;
-        scale[c] = rstd[k] * g[c];
-        shift[c] = b[c] - mean[k] * scale[c];
-      }
+      sample_affine(mean, rstd, g, b, n, groups_, C, scale.data(), shift.data());
       const int64 first = (n * plan.rows + plan.begin(s)) * C, size = (plan.end(s) - plan.begin(s)) * C;
       const S* xn = xs + first;
       S* yn = ys + first;
@@ -221,33 +242,22 @@ class GroupNormOp : public OpKernel {
       }
     };
     auto finish_mean = [&](int64 n) {
-      for (int64 k = 0; k < groups_; ++k) {
-        double total = 0.0;
-        for (int64 s = 0; s < plan.chunks; ++s)
-          for (int64 c = k * per_group; c < (k + 1) * per_group; ++c) total += partial[(n * plan.chunks + s) * C + c];
-        mean[n * groups_ + k] = static_cast<float>(total / count);
-      }
+      for (int64 k = 0; k < groups_; ++k)
+        mean[n * groups_ + k] = static_cast<float>(group_total(plan, partial, n, k) / count);
     };
     auto finish_rstd = [&](int64 n) {
-      for (int64 k = 0; k < groups_; ++k) {
-        double total = 0.0;
-        for (int64 s = 0; s < plan.chunks; ++s)
-          for (int64 c = k * per_group; c < (k + 1) * per_group; ++c) total += partial[(n * plan.chunks + s) * C + c];
-        rstd[n * groups_ + k] = 1.0f / std::sqrt(static_cast<float>(total / count) + epsilon_);
-      }
+      for (int64 k = 0; k < groups_; ++k)
+        rstd[n * groups_ + k] =
+            1.0f / std::sqrt(static_cast<float>(group_total(plan, partial, n, k) / count) + epsilon_);
     };
     if (plan.per_sample) {  // one unit per sample: all passes while the sample is in cache
-      auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-      ::tensorflow::Shard(workers->num_threads, workers->workers, plan.samples, plan.rows * C * 24,
-                          [&](int64 first, int64 last) {
-                            for (int64 n = first; n < last; ++n) {
-                              for (int64 s = 0; s < plan.chunks; ++s) sums(n, s);
-                              finish_mean(n);
-                              for (int64 s = 0; s < plan.chunks; ++s) deviations(n, s);
-                              finish_rstd(n);
-                              for (int64 s = 0; s < plan.chunks; ++s) apply(n, s);
-                            }
-                          });
+      shard(ctx, plan.samples, plan.rows * C * 24, [&](int64 n) {
+        for (int64 s = 0; s < plan.chunks; ++s) sums(n, s);
+        finish_mean(n);
+        for (int64 s = 0; s < plan.chunks; ++s) deviations(n, s);
+        finish_rstd(n);
+        for (int64 s = 0; s < plan.chunks; ++s) apply(n, s);
+      });
       return;
     }
     run_units(ctx, plan, sums);
@@ -309,12 +319,10 @@ class GroupNormGradOp : public OpKernel {
     auto coefficients = [&](int64 n, std::vector<float>* m, std::vector<float>* r, std::vector<float>* scale,
                             std::vector<float>* shift) {
       for (int64 c = 0; c < C; ++c) {
-        const int64 k = n * groups_ + c / per_group;
-        (*m)[c] = mean[k];
-        (*r)[c] = rstd[k];
-        (*scale)[c] = rstd[k] * g[c];
-        (*shift)[c] = b[c] - mean[k] * (*scale)[c];
+        (*m)[c] = mean[n * groups_ + c / per_group];
+        (*r)[c] = rstd[n * groups_ + c / per_group];
       }
+      sample_affine(mean, rstd, g, b, n, groups_, C, scale->data(), shift->data());
     };
     auto reduce = [&](int64 n, int64 s) {
       std::vector<float> m(C), r(C), scale(C), shift(C);
@@ -355,8 +363,8 @@ class GroupNormGradOp : public OpKernel {
       }
     };
     run_units(ctx, plan, reduce);
-    group_totals(plan, sum_dz, g, &group_dz);
-    group_totals(plan, sum_dz_xhat, g, &group_dz_xhat);
+    group_dz = group_totals(plan, sum_dz, g);
+    group_dz_xhat = group_totals(plan, sum_dz_xhat, g);
     run_units(ctx, plan, apply);
     sum_over_samples(plan, sum_dz, dbeta);
     sum_over_samples(plan, sum_dz_xhat, dgamma);
