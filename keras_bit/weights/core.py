@@ -1,17 +1,82 @@
 """The one strict loader: every format maps each model variable to a file key, then this checks and assigns.
 
-A format module (npz, keras_h5, timm, hf) supplies a *reader* (keys, shapes,
-arrays) and a *key map* (model variable -> file key + layout conversion). The
-core refuses the file unless every expected key is present, no unexpected key
-is left over, and every tensor has the expected shape, a floating dtype and
-finite values; only then is anything assigned, so a bad file never
-half-loads a model.
+A format module (npz, keras_h5, timm, hf) supplies a *reader* (keys, each
+tensor's shape and dtype from the file's header, arrays) and a *key map*
+(model variable -> file key + layout conversion). The core refuses the file
+unless every expected key is present, no unexpected key is left over, and
+every tensor's header states the expected shape and a floating dtype (both
+checked before any data is read, so memory is bounded by the architecture,
+not by what a file declares); then each array must have that shape and finite
+values. Only then is anything assigned, so a bad file never half-loads a model.
+
+A weights file is hostile until proven otherwise: whatever goes wrong while
+reading one ends as a `ValueError` naming the file and key (`reading`), never
+another exception type, and readers refuse storage outside the file itself.
 """
 
+import contextlib
 import dataclasses
 import re
 
 import numpy as np
+
+# Dtypes a checkpoint tensor may have (NumPy names; bfloat16 as ml_dtypes names it). Anything else is refused
+# from the header, before its data is read.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# The most classes a checkpoint's head may declare: ImageNet-21k has 21,843; this bound stops a file from making
+# keras_bit build (and allocate) a head of whatever size it claims.
+MAX_CLASSES = 100_000
+
+
+@contextlib.contextmanager
+def reading(path, key=None):
+    """Turns any failure while reading `path` (at `key`) into one `ValueError` naming both.
+
+    Readers of files from outside run their library calls inside this block:
+    zipfile, h5py and safetensors raise many types for a hostile file
+    (`NotImplementedError` for an unknown zip method, `OverflowError`,
+    `IndexError`, ...); the caller sees one. A `ValueError` whose message
+    already names the file passes unchanged.
+    """
+    try:
+        yield
+    except ValueError as e:
+        if str(path) in str(e):  # already a keras_bit message naming the file
+            raise
+        raise ValueError(f"Could not read {'key ' + repr(key) + ' of ' if key is not None else ''}checkpoint {path} "
+                         f"(truncated or corrupt?): {e}") from e
+    except Exception as e:  # noqa: BLE001 - the trust boundary: every failure becomes the documented error
+        where = f"key {key!r} of " if key is not None else ""
+        raise ValueError(f"Could not read {where}checkpoint {path} (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from e
+
+
+def check_dtype(path, key, dtype):
+    """Raises `ValueError` unless `dtype` (a header's dtype name) is a floating type a checkpoint may hold."""
+    if str(dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"Checkpoint {path}: key {key!r} has dtype {dtype}, expected floating point "
+                         f"({', '.join(FLOAT_DTYPES)}).")
+
+
+def head_size(reader, path, bias_key, kernel_key, kernel_class_axis):
+    """The class count of a head from its headers (no data read), checked; None if the file has no head.
+
+    The bias must be a vector of 1 to `MAX_CLASSES` entries and the kernel
+    must exist with that many classes on `kernel_class_axis`.
+    """
+    keys = set(reader.keys())
+    if bias_key not in keys:
+        return None
+    shape, _ = reader.info(bias_key)
+    if len(shape) != 1 or not 1 <= shape[0] <= MAX_CLASSES:
+        raise ValueError(f"Checkpoint {path}: head bias {bias_key!r} has shape {tuple(shape)}, expected (classes,) "
+                         f"with 1 <= classes <= {MAX_CLASSES}.")
+    kernel = tuple(reader.info(kernel_key)[0]) if kernel_key in keys else None
+    if kernel is None or len(kernel) <= max(kernel_class_axis, -kernel_class_axis - 1) or (
+            kernel[kernel_class_axis] != shape[0]):
+        raise ValueError(f"Checkpoint {path}: head kernel {kernel_key!r} has shape {kernel}, which does not hold "
+                         f"the {shape[0]} classes of its bias {bias_key!r}.")
+    return int(shape[0])
 
 
 class Layout:
@@ -102,7 +167,8 @@ def load_strict(model, reader, key_map, path, ignorable=(), hint=" Is it a check
 
     Args:
         model: the keras_bit model (for messages).
-        reader: an open format reader with `keys()`, `shape(key)` and `read(key)`.
+        reader: an open format reader with `keys()`, `info(key)` (shape and
+            dtype name from the header) and `read(key)`.
         key_map: dict file key -> `(variable, Layout)`.
         path: the file, for messages.
         ignorable: file keys that may be present without being loaded (e.g.
@@ -127,15 +193,18 @@ def load_strict(model, reader, key_map, path, ignorable=(), hint=" Is it a check
     for key in sorted(key_map):
         variable, layout = key_map[key]
         expected = layout.file_shape(tuple(variable.shape))
-        shape = tuple(reader.shape(key))
-        if shape != expected:
-            raise ValueError(f"Checkpoint {path}: key {key!r} has shape {shape}, model {model.name!r} expects "
+        shape, dtype = reader.info(key)
+        if tuple(shape) != expected:
+            raise ValueError(f"Checkpoint {path}: key {key!r} has shape {tuple(shape)}, model {model.name!r} expects "
                              f"{expected}." + hint)
-        value = np.asarray(reader.read(key))
+        check_dtype(path, key, dtype)  # before the data: a 1-byte-per-element promise cannot become 8
+        with reading(path, key):
+            value = np.asarray(reader.read(key))
+        if value.shape != expected or value.dtype.name != str(dtype):
+            raise ValueError(f"Checkpoint {path}: key {key!r} holds {value.dtype} {value.shape}, its header says "
+                             f"{dtype} {tuple(shape)} (corrupt?).")
         if value.dtype.name == "bfloat16":  # safetensors hands bf16 over as ml_dtypes' type; float32 holds it exactly
             value = value.astype(np.float32)
-        if not np.issubdtype(value.dtype, np.floating):
-            raise ValueError(f"Checkpoint {path}: key {key!r} has dtype {value.dtype}, expected floating point.")
         if not np.all(np.isfinite(value)):
             raise ValueError(f"Checkpoint {path}: key {key!r} contains NaN or infinite values.")
         values.append((variable, layout.to_keras(value)))

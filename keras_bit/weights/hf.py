@@ -8,11 +8,13 @@ Only preactivation configs with symmetric padding (`global_padding` null) are
 BiT; "SAME" padding (ViT-hybrid backbones) computes another function.
 """
 
-from keras_bit.weights import core, safetensors_io
+from keras_bit.weights import core, hub_config, safetensors_io
 from keras_bit.weights.timm import unit_module
 
 HEAD = "classifier.1"
 PREFIX = "bit."
+# Bounds on what a config may state (BiT-R152 has 36 units in block 3; the widest BiT is x4).
+_MAX_UNITS, _MAX_WIDTH = 256, 64
 
 
 def _hf_module(layer_id, prefix):
@@ -42,33 +44,40 @@ def prefix_of(keys):
 def architecture(config, source):
     """`(block_units, width_factor, base_width, groups)` from a transformers BitConfig; ValueError if not BiT."""
     problems = []
-    if config.get("model_type") != "bit":
-        problems.append(f"model_type={config.get('model_type')!r} (expected 'bit')")
-    if config.get("layer_type", "preactivation") != "preactivation":
-        problems.append(f"layer_type={config.get('layer_type')!r} (expected 'preactivation')")
-    if config.get("global_padding") not in (None, "", "valid_symmetric") or config.get("embedding_dynamic_padding"):
-        problems.append(f"global_padding={config.get('global_padding')!r} (BiT pads symmetrically: null)")
-    depths, width = config.get("depths", [3, 4, 6, 3]), config.get("width_factor", 1)
-    if not isinstance(depths, list) or len(depths) != 4 or not isinstance(width, int) or width < 1:
-        problems.append(f"depths={depths!r}, width_factor={width!r}")
+    model_type = hub_config.string(config, "model_type", source, default=None)
+    if model_type != "bit":
+        problems.append(f"model_type={model_type!r} (expected 'bit')")
+    layer_type = hub_config.string(config, "layer_type", source, default="preactivation")
+    if layer_type != "preactivation":
+        problems.append(f"layer_type={layer_type!r} (expected 'preactivation')")
+    padding = hub_config.string(config, "global_padding", source, default=None)
+    if padding not in (None, "", "valid_symmetric") or hub_config.boolean(config, "embedding_dynamic_padding", source):
+        problems.append(f"global_padding={padding!r} (BiT pads symmetrically: null)")
     if problems:
         raise ValueError(f"{source} is not a BiT checkpoint keras_bit can load: " + "; ".join(problems) + ".")
+    depths = hub_config.integers(config, "depths", source, 4, 1, _MAX_UNITS, default=(3, 4, 6, 3))
+    width = hub_config.integer(config, "width_factor", source, 1, _MAX_WIDTH, default=1)
     # transformers scales hidden_sizes by width_factor but not embedding_size: wide models state 64 * width.
-    base = config.get("embedding_size", 64 * width) // width
-    hidden = config.get("hidden_sizes")
-    if hidden is not None and list(hidden) != [4 * base * 2**i for i in range(4)]:
-        problems.append(f"hidden_sizes={hidden!r} (BiT: {[4 * base * 2**i for i in range(4)]})")
-    if problems:
-        raise ValueError(f"{source} is not a BiT checkpoint keras_bit can load: " + "; ".join(problems) + ".")
-    return tuple(depths), width, base, config.get("num_groups", 32)
+    embedding = hub_config.integer(config, "embedding_size", source, 1, 1024 * width, default=64 * width)
+    base = embedding // width
+    hidden = hub_config.integers(config, "hidden_sizes", source, 4, 1, 1 << 20, default=None)
+    if embedding % width or (hidden is not None and list(hidden) != [4 * base * 2**i for i in range(4)]):
+        raise ValueError(f"{source} is not a BiT checkpoint keras_bit can load: embedding_size={embedding}, "
+                         f"hidden_sizes={hidden!r} (BiT: {[4 * base * 2**i for i in range(4)]} for width {width}).")
+    return depths, width, base, hub_config.integer(config, "num_groups", source, 1, 1024, default=32)
 
 
-def classes(config):
-    labels = config.get("id2label")
-    return len(labels) if labels else config.get("num_labels")
+def classes(config, source):
+    labels = hub_config.mapping(config, "id2label", source, default=None)
+    if labels:
+        if len(labels) > core.MAX_CLASSES:
+            raise ValueError(f"{source}: config.json field 'id2label' has {len(labels)} labels; at most "
+                             f"{core.MAX_CLASSES} are expected.")
+        return len(labels)
+    return hub_config.integer(config, "num_labels", source, 0, core.MAX_CLASSES, default=None)
 
 
-def resolution(config):
+def resolution(config, source):
     return None  # the image size lives in preprocessor_config.json, not the model config
 
 

@@ -10,10 +10,11 @@ against `model.save_weights` guards the rule across Keras versions.
 
 import re
 
+from keras_bit import io
 from keras_bit.weights import core
 
 SUFFIX = ".weights.h5"
-_HEAD_BIAS = "layers/dense/vars/1"
+_HEAD_KERNEL, _HEAD_BIAS = "layers/dense/vars/0", "layers/dense/vars/1"
 
 
 def _snake_case(class_name):
@@ -36,24 +37,58 @@ def key_map(model, load_head=True):
     return mapping
 
 
+_LINK_KINDS = {1: "a soft link", 64: "an external link"}  # h5py.h5l.TYPE_SOFT, TYPE_EXTERNAL
+
+
 class Reader:
-    """The datasets of an HDF5 weights file, by path."""
+    """The datasets of an HDF5 weights file, by path; storage outside the file is refused when it is opened.
+
+    An HDF5 dataset may keep its bytes in another file (external storage), be
+    assembled from other files (virtual), or be reached through soft and
+    external links: a downloaded weights file could then copy any local file
+    into the model. Only datasets stored in the file itself are read.
+    """
 
     def __init__(self, path):
         import h5py
 
-        self.path = path
+        self.path = path = io.check_regular_file(path, "Keras weights file")
+        with core.reading(path):
+            try:
+                self._file = h5py.File(path, "r")
+            except OSError as e:
+                raise ValueError(f"Could not read Keras weights file {path} (truncated or corrupt?): {e}") from e
         try:
-            self._file = h5py.File(path, "r")
-            self._datasets = {}
+            with core.reading(path):
+                self._datasets = self._check_storage(h5py)
+        except BaseException:
+            self._file.close()
+            raise
 
-            def collect(name, obj):  # visititems stops at the first non-None return value
-                if isinstance(obj, h5py.Dataset):
-                    self._datasets[name] = obj
+    def _check_storage(self, h5py):
+        links = []
 
-            self._file.visititems(collect)
-        except (OSError, RuntimeError, KeyError, ValueError) as e:
-            raise ValueError(f"Could not read Keras weights file {path} (truncated or corrupt?): {e}") from e
+        def note(name, info):  # every link once, without following soft or external ones (H5Lvisit)
+            links.append((name, info.type))
+
+        self._file.id.links.visit(note, info=True)
+        for name, kind in links:
+            if kind != h5py.h5l.TYPE_HARD:
+                raise ValueError(f"Keras weights file {self.path}: {name.decode(errors='replace')!r} is "
+                                 f"{_LINK_KINDS.get(kind, 'a user-defined link')}; weights files hold their data.")
+        datasets = {}
+
+        def collect(name, obj):  # visititems stops at the first non-None return value
+            if isinstance(obj, h5py.Dataset):
+                datasets[name] = obj
+
+        self._file.visititems(collect)
+        for name, dataset in datasets.items():
+            if dataset.external or dataset.is_virtual:
+                where = "another file (external storage)" if dataset.external else "other files (a virtual dataset)"
+                raise ValueError(f"Keras weights file {self.path}: dataset {name!r} keeps its data in {where}; "
+                                 "weights files hold their data.")
+        return datasets
 
     def __enter__(self):
         return self
@@ -64,20 +99,21 @@ class Reader:
     def keys(self):
         return list(self._datasets)
 
-    def shape(self, key):
-        return self._datasets[key].shape
+    def info(self, key):
+        """`(shape, dtype name)` from the dataset's metadata."""
+        with core.reading(self.path, key):
+            dataset = self._datasets[key]
+            return tuple(dataset.shape or ()), dataset.dtype.name
 
     def read(self, key):
-        try:
+        with core.reading(self.path, key):
             return self._datasets[key][()]
-        except (OSError, RuntimeError, ValueError) as e:
-            raise ValueError(f"Could not read {key!r} of Keras weights file {self.path} (truncated or corrupt?): {e}") from e
 
 
 def head_classes(path):
-    """Class count of the head stored in a `.weights.h5` file, or None if it has no head."""
+    """Class count of the head stored in a `.weights.h5` file (from its metadata), or None if it has no head."""
     with Reader(path) as reader:
-        return int(reader.shape(_HEAD_BIAS)[0]) if _HEAD_BIAS in reader.keys() else None
+        return core.head_size(reader, path, _HEAD_BIAS, _HEAD_KERNEL, -1)
 
 
 def load(model, path, load_head=True):

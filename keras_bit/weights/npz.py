@@ -10,19 +10,18 @@ rule (`checkpoint_scope`) plus three fixed names:
     head                       <->  resnet/head/conv2d   (1x1 conv kernel == Dense kernel)
 """
 
+import math
 import os
 import zipfile
-import zlib
-
 import numpy as np
 
+from keras_bit import io
 from keras_bit.weights import core
 
 SUFFIX = ".npz"
 HEAD_SCOPE = "resnet/head/conv2d"
 _FIXED_SCOPES = {"root": "resnet/root_block/standardized_conv2d", "post_gn": "resnet/group_norm", "head": HEAD_SCOPE}
 _LEAF_SCOPES = {"conv": "standardized_conv2d", "gn": "group_norm"}
-READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def checkpoint_scope(layer_name):
@@ -49,52 +48,76 @@ def key_map(model, load_head=True):
 
 
 class Reader:
-    """Lazy reader of an `.npz` file; errors name the file and say it may be truncated or corrupt."""
+    """Lazy reader of an `.npz` file: keys and headers first, arrays only on `read`; errors name file and key."""
 
     def __init__(self, path):
-        self.path = path
-        if os.path.isfile(path) and not zipfile.is_zipfile(path):
-            with open(path, "rb") as f:
-                kind = "an HDF5 file (a .weights.h5?)" if f.read(8) == b"\x89HDF\r\n\x1a\n" else "not a zip archive"
-            raise ValueError(f"Could not read checkpoint {path}: it is {kind}, not an .npz (truncated or corrupt?).")
-        try:
-            self._npz = np.load(path, allow_pickle=False)
-            if not isinstance(self._npz, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
-        except READ_ERRORS as e:
-            raise ValueError(f"Could not read checkpoint {path}: not a valid .npz file (truncated or corrupt?): {e}") from e
+        self.path = path = io.check_regular_file(path, "Checkpoint")
+        with core.reading(path):
+            if not zipfile.is_zipfile(path):
+                with open(path, "rb") as f:
+                    kind = "an HDF5 file (a .weights.h5?)" if f.read(8) == b"\x89HDF\r\n\x1a\n" else "not a zip archive"
+                raise ValueError(f"Could not read checkpoint {path}: it is {kind}, not an .npz (truncated or corrupt?).")
+            self._zip = zipfile.ZipFile(path)
+            names = self._zip.namelist()
+        # Two members of one name: zipfile would read the last, another reader the first.
+        repeated = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+        if repeated:
+            self._zip.close()
+            raise ValueError(f"Checkpoint {path} is not a valid .npz: it holds {repeated[0]!r} more than once.")
+        self._members = {n[:-4] if n.endswith(".npy") else n: n for n in names}
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._npz.close()
+        self._zip.close()
 
     def keys(self):
-        return self._npz.files
+        return list(self._members)
+
+    def _open(self, key):
+        """The member `key` opened just after its .npy header, and the header's `(shape, fortran_order, dtype)`."""
+        f = self._zip.open(self._members[key])
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):  # 3.0 exists only for non-latin-1 field names: never floats
+                raise ValueError(f"unsupported .npy format version {version}")
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            header = read_header(f)
+            if any(dim < 0 for dim in header[0]):
+                raise ValueError(f"negative dimension in shape {header[0]}")
+            return f, header
+        except BaseException:
+            f.close()
+            raise
+
+    def info(self, key):
+        """`(shape, dtype name)` from the member's .npy header alone."""
+        with core.reading(self.path, key):
+            f, (shape, _, dtype) = self._open(key)
+            f.close()
+        return tuple(shape), dtype.name if dtype.names is None and dtype.subdtype is None else str(dtype)
 
     def read(self, key):
-        try:
-            return self._npz[key]
-        except READ_ERRORS as e:
-            raise ValueError(f"Could not read key {key!r} of checkpoint {self.path} (truncated or corrupt?): {e}") from e
-
-    def shape(self, key):
-        """The array's shape from its .npy header alone (the data is read once, by `read`)."""
-        try:
-            with self._npz.zip.open(key + ".npy") as f:
-                version = np.lib.format.read_magic(f)
-                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                return header(f)[0]
-        except READ_ERRORS as e:
-            raise ValueError(f"Could not read key {key!r} of checkpoint {self.path} (truncated or corrupt?): {e}") from e
+        """The array of `key`: exactly the bytes its header declares (the caller checked that header)."""
+        with core.reading(self.path, key):
+            f, (shape, fortran_order, dtype) = self._open(key)
+            with f:
+                if dtype.hasobject:
+                    raise ValueError("an object array (pickled data is never loaded)")
+                count = math.prod(shape)
+                data = f.read(count * dtype.itemsize)  # the zip layer checks the CRC once the member is read
+                if len(data) != count * dtype.itemsize or f.read(1):
+                    raise ValueError(f"{len(data)} data bytes, its header declares {count * dtype.itemsize}")
+        array = np.frombuffer(data, dtype=dtype, count=count)
+        return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
 def head_classes(path):
-    """Class count of the head stored in an `.npz` checkpoint, or None if it has no head."""
+    """Class count of the head stored in an `.npz` checkpoint (from its headers), or None if it has no head."""
     with Reader(path) as reader:
-        bias = f"{HEAD_SCOPE}/bias"
-        return int(reader.read(bias).shape[0]) if bias in reader.keys() else None
+        return core.head_size(reader, path, f"{HEAD_SCOPE}/bias", f"{HEAD_SCOPE}/kernel", -1)
 
 
 def load(model, path, load_head=True):

@@ -1,23 +1,30 @@
 """Reading `.safetensors` files (timm and transformers checkpoints) into NumPy, lazily."""
 
+from keras_bit import io
 from keras_bit.weights import core
 
 SUFFIX = ".safetensors"
 
 
+# safetensors' dtype names as NumPy's (core.FLOAT_DTYPES says which load; F8_*, integers and bool are refused).
+_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "BOOL": "bool",
+           **{f"{k}{bits}": f"{n}{bits}" for k, n in (("I", "int"), ("U", "uint")) for bits in (8, 16, 32, 64)}}
+
+
 class Reader:
-    """Tensor names, shapes (from the header) and arrays of a `.safetensors` file."""
+    """Tensor names, shapes and dtypes (from the header) and arrays of a `.safetensors` file."""
 
     def __init__(self, path):
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
-        self.path = path
-        self._errors = (SafetensorError, OSError, ValueError, TypeError)
-        try:
-            self._file = safe_open(path, framework="numpy")
-            self._keys = list(self._file.keys())
-        except self._errors as e:
-            raise ValueError(f"Could not read {path}: not a valid .safetensors file (truncated or corrupt?): {e}") from e
+        self.path = path = io.check_regular_file(path, "Checkpoint")
+        with core.reading(path):
+            try:
+                self._file = safe_open(path, framework="numpy")
+                self._keys = list(self._file.keys())
+            except Exception as e:  # noqa: BLE001 - safetensors' error types vary across versions
+                raise ValueError(f"Could not read {path}: not a valid .safetensors file (truncated or corrupt?): "
+                                 f"{e}") from e
 
     def __enter__(self):
         return self
@@ -28,21 +35,23 @@ class Reader:
     def keys(self):
         return self._keys
 
-    def shape(self, key):
-        return tuple(self._file.get_slice(key).get_shape())
+    def info(self, key):
+        """`(shape, dtype name)` from the header; a dtype keras_bit does not load keeps safetensors' name."""
+        with core.reading(self.path, key):
+            tensor = self._file.get_slice(key)
+            dtype = tensor.get_dtype()
+            return tuple(tensor.get_shape()), _DTYPES.get(dtype, dtype)
 
     def read(self, key):
-        try:
+        with core.reading(self.path, key):
             return self._file.get_tensor(key)
-        except self._errors as e:
-            raise ValueError(f"Could not read tensor {key!r} of {self.path}: {e}") from e
 
 
 def head_classes(path, head_module):
-    """Class count of the head `<head_module>.bias` in a `.safetensors` file, or None if it has none."""
+    """Class count of the head `<head_module>.bias` (from the header), or None if it has none."""
     with Reader(path) as reader:
-        key = f"{head_module}.bias"
-        return reader.shape(key)[0] if key in reader.keys() else None
+        # timm's head is a 1x1 convolution (classes, in, 1, 1), transformers' a Linear (classes, in).
+        return core.head_size(reader, path, f"{head_module}.bias", f"{head_module}.weight", 0)
 
 
 def load(model, path, key_map_fn, head_module, load_head=True):

@@ -8,15 +8,18 @@ the reader of its format. Every reader goes through `core.load_strict`.
 
 import contextlib
 import dataclasses
-import json
 import os
+import re
 
-from keras_bit import presets
-from keras_bit.weights import download, hf, keras_h5, npz, safetensors_io, timm
+from keras_bit import io, presets
+from keras_bit.weights import download, hf, hub_config, keras_h5, npz, safetensors_io, timm
 
 CACHE_SUBDIR = "bit_models"
 HUB_SCHEME = "hf://"
 FORMATS = {"npz": npz, "keras": keras_h5, "timm": timm, "transformers": hf}
+# A branch, tag or commit ("main", "v1.0", "refs/pr/3", a sha): huggingface_hub keeps a branch's commit in a file
+# named after it under the cache, so "." / ".." parts or other characters could point outside it.
+_REVISION = re.compile(r"(?!\.{1,2}(/|$))[A-Za-z0-9_.-]{1,128}(/(?!\.{1,2}(/|$))[A-Za-z0-9_.-]{1,128}){0,7}")
 FILE_HELP = "the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers .safetensors file"
 
 
@@ -52,7 +55,7 @@ def parse_hub_handle(handle):
 
     repo, at, revision = handle[len(HUB_SCHEME):].partition("@")
     parts = repo.split("/")
-    problem = len(parts) != 2 or not all(parts) or (at and not revision)
+    problem = len(parts) != 2 or not all(parts) or (at and not _REVISION.fullmatch(revision))
     if not problem:
         try:
             validate_repo_id(repo)
@@ -60,7 +63,8 @@ def parse_hub_handle(handle):
             problem = True
     if problem:
         raise ValueError(f"A Hugging Face handle is 'hf://<owner>/<repo>' or 'hf://<owner>/<repo>@<revision>' "
-                         f"(letters, digits, '-', '_', '.'). Received: weights={handle!r}")
+                         f"(letters, digits, '-', '_', '.'; a revision is a branch, tag or commit, with '/' "
+                         f"between parts, never '.' or '..' parts). Received: weights={handle!r}")
     return repo, revision or None
 
 
@@ -105,7 +109,7 @@ def check_file(weights, known_names=None):
                          f"handle, or {FILE_HELP}. Received: weights={path!r}")
     if not path.endswith(suffixes):
         raise ValueError(f"`weights` must be {FILE_HELP}. Received: weights={path!r}")
-    return path
+    return io.check_regular_file(path, "`weights` file")
 
 
 def head_classes(path, fmt=None):
@@ -173,16 +177,13 @@ def check_architecture(source, architecture):
 def _fetch_hub(source, architecture=None):
     repo, revision = source.hub
     config_path = _hub_download(repo, revision, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"hf://{repo}: unreadable config.json at {config_path} ({e}); delete it.") from e
+    name = f"hf://{repo}"
+    config = hub_config.read(config_path, name)
     fmt = "timm" if "architecture" in config else "transformers"
     reader = FORMATS[fmt]
-    source = dataclasses.replace(source, format=fmt, classes=reader.classes(config),
-                                 resolution=reader.resolution(config),
-                                 architecture=reader.architecture(config, f"hf://{repo}"))
+    source = dataclasses.replace(source, format=fmt, classes=reader.classes(config, name),
+                                 resolution=reader.resolution(config, name),
+                                 architecture=reader.architecture(config, name))
     if architecture is not None:
         check_architecture(source, architecture)  # before the weights are downloaded
     path = _hub_download(repo, revision, "model.safetensors")

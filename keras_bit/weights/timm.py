@@ -10,7 +10,7 @@ eps 1e-8; the weights are the same, and keras_bit keeps the authors' 1e-10.
 import re
 
 from keras_bit import presets
-from keras_bit.weights import core, safetensors_io
+from keras_bit.weights import core, hub_config, safetensors_io
 
 STEM, HEAD = "stem.conv", "head.fc"
 _ARCH = re.compile(r"resnetv2_(?P<depth>50|101|152)x(?P<width>[1-4])_bit")
@@ -50,13 +50,16 @@ def architecture(config, source):
     return presets.Architecture(presets.DEPTHS[int(match["depth"])], int(match["width"])).spec
 
 
-def classes(config):
-    return config.get("num_classes")
+def classes(config, source):
+    return hub_config.integer(config, "num_classes", source, 0, core.MAX_CLASSES, default=None)
 
 
-def resolution(config):
-    size = (config.get("pretrained_cfg") or {}).get("input_size")
-    return int(size[-1]) if size and size[-1] == size[-2] else None
+def resolution(config, source):
+    """The square input size of timm's `pretrained_cfg.input_size` (channels, height, width), else None."""
+    pretrained = hub_config.mapping(config, "pretrained_cfg", source, default={})
+    size = hub_config.integers(pretrained, "input_size", f"{source} pretrained_cfg", 3, 1, hub_config.MAX_RESOLUTION,
+                               default=None)
+    return size[-1] if size and size[-1] == size[-2] else None
 
 
 def head_classes(path):

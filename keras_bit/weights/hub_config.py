@@ -1,0 +1,81 @@
+"""A Hub repository's `config.json`, read as hostile: bounded in size, each field type-checked and bounded.
+
+timm and transformers configs are JSON written by anyone who can push to a
+repository. keras_bit reads a handful of fields (the architecture, the class
+count, the input size); each is checked for its type and range here, and any
+other value raises one `ValueError` naming the repository and the field, never
+a `TypeError` or `AttributeError` from deep inside a reader.
+"""
+
+from keras_bit import io
+
+# ImageNet-21k's id2label is ~1 MB; a config is never near this.
+MAX_CONFIG_BYTES = 16 << 20
+# The largest input size a config may state (BiT fine-tunes at 480 px, its largest release at 384 / 480).
+MAX_RESOLUTION = 4096
+_MISSING = object()
+
+
+def read(path, source):
+    """The config at `path` as a dict (a JSON object of at most `MAX_CONFIG_BYTES`); ValueError otherwise."""
+    try:
+        return io.read_json_object(path, MAX_CONFIG_BYTES, f"{source}: config.json")
+    except ValueError as e:
+        raise ValueError(f"{e} It is a cached download: delete {path} to download it again.") from e
+
+
+def _problem(source, name, value, expected):
+    return ValueError(f"{source}: config.json field {name!r} must be {expected}. Received: {value!r:.100}")
+
+
+def integer(config, name, source, low, high, default=_MISSING):
+    """`config[name]` as an int in `[low, high]` (bools and strings refused); `default` when absent or null."""
+    value = config.get(name)
+    if value is None and default is not _MISSING:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _problem(source, name, value, f"an integer from {low} to {high}")
+    return value
+
+
+def integers(config, name, source, length, low, high, default=_MISSING):
+    """`config[name]` as a tuple of `length` ints, each in `[low, high]` (`length` None: any length >= 1)."""
+    value = config.get(name)
+    if value is None and default is not _MISSING:
+        return default
+    expected = f"a list of {length or 'one or more'} integers from {low} to {high}"
+    if not isinstance(value, list) or not value or (length is not None and len(value) != length):
+        raise _problem(source, name, value, expected)
+    if any(isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high for v in value):
+        raise _problem(source, name, value, expected)
+    return tuple(value)
+
+
+def string(config, name, source, default=_MISSING):
+    """`config[name]` as a str; `default` when absent or null."""
+    value = config.get(name)
+    if value is None and default is not _MISSING:
+        return default
+    if not isinstance(value, str):
+        raise _problem(source, name, value, "a string")
+    return value
+
+
+def boolean(config, name, source, default=False):
+    """`config[name]` as a bool; `default` when absent or null."""
+    value = config.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _problem(source, name, value, "true or false")
+    return value
+
+
+def mapping(config, name, source, default=_MISSING):
+    """`config[name]` as a dict; `default` when absent or null."""
+    value = config.get(name)
+    if value is None and default is not _MISSING:
+        return default
+    if not isinstance(value, dict):
+        raise _problem(source, name, value, "a JSON object")
+    return value
