@@ -1,5 +1,7 @@
 """The fused GroupNorm(+ReLU) kernel against the layer's keras.ops path and the NumPy reference (TensorFlow only)."""
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import pytest
 
 import reference
 from keras_bit import kernels
+from keras_bit.kernels import cache
 from keras_bit.layers import GroupNormalization
 from keras_bit.models.resnet_v2 import build_resnet_v2
 
@@ -183,11 +186,18 @@ def test_kernel_stays_out_of_xla_and_saved_models(library, rng, tmp_path):
         np.testing.assert_allclose(served, layer(x), atol=1e-5)
 
 
-def test_kernel_built_once_into_the_cache(library, keras_home):
-    folder = os.path.join(keras_home, "keras_bit_kernels")
-    files = os.listdir(folder)
-    assert len([f for f in files if f.endswith(".so")]) == 1 and not [f for f in files if f.endswith(".part")]
-    assert kernels._build_if_missing(tf) == os.path.join(folder, [f for f in files if f.endswith(".so")][0])
+def test_kernel_built_once_into_the_cache_with_its_record(library, keras_home):
+    folder = os.path.join(keras_home, cache.SUBDIR)
+    files = sorted(os.listdir(folder))
+    cached = cache.locate(tf)
+    assert files == sorted(os.path.basename(p) for p in (cached.path, cached.record))  # no .part left behind
+    with open(cached.record) as f:
+        record = json.load(f)
+    with open(cached.path, "rb") as f:
+        data = f.read()
+    assert record["size"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["key"] == cached.key and record["built_from"]["tensorflow"] == tf.__version__
+    assert cache.read_verified(cached) == data
 
 
 def test_no_compiler_warns_once_and_falls_back(tmp_path):

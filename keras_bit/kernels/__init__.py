@@ -8,8 +8,10 @@ sums over samples (a batch's equals the sum of its halves'). The op is compiled 
 source shipped in the package with the machine's C++ compiler (`$CXX`, else
 `c++`) against the installed TensorFlow's headers (`tf.sysconfig`), once per
 (source, TensorFlow, compiler, CPU), into `$KERAS_HOME/keras_bit_kernels/`
-(default `~/.keras`), written atomically. Nothing is needed beyond a plain
-`pip install`: without a compiler, or if the build fails, a logged warning says so
+(default `~/.keras`), written atomically with a record of its size and sha256
+that is checked before every load (cache.py: a truncated or replaced library
+is rebuilt once, never loaded). Nothing is needed beyond a plain `pip install`:
+without a compiler, or if the build or its load fails, a logged warning says so
 once and the layers use their keras.ops implementation (the same function to
 float32 rounding, slower).
 
@@ -24,15 +26,10 @@ native code loaded from `$KERAS_HOME`: that folder must be trusted.
 """
 
 import contextlib
-import hashlib
 import logging
 import os
-import platform
-import subprocess
-import tempfile
 import threading
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "group_norm.cc")
 ENV_SWITCH = "KERAS_BIT_FUSED_KERNELS"
 FUSED_DTYPES = ("float32", "bfloat16")
 _state = {"library": None, "tried": False}
@@ -106,71 +103,19 @@ def library():
             except Exception as e:  # noqa: BLE001 - any failure to build or load means: use keras.ops, and say so
                 # A log line, not a warning: the CLI prints it as one line; Python users see it on stderr.
                 logger.warning(
-                    "keras_bit's fused GroupNorm kernel could not be built (%s); using the keras.ops GroupNorm "
-                    "instead (same function, slower on CPU). Set %s=0 to skip the build.", e, ENV_SWITCH)
+                    "keras_bit's fused GroupNorm kernel could not be built or loaded (%s); using the keras.ops "
+                    "GroupNorm instead (same function, slower on CPU). Set %s=0 to skip the build.", e, ENV_SWITCH)
         return _state["library"]
 
 
 def _load():
     import tensorflow as tf
 
-    path = _build_if_missing(tf)
-    try:
-        module = tf.load_op_library(path)
-    except tf.errors.NotFoundError as e:  # e.g. built against another TensorFlow ABI
-        raise RuntimeError(f"{path} does not load: {e.message.splitlines()[0]}") from e
+    from keras_bit.kernels import cache  # the build, its record and the verified load
+
+    module = cache.load(tf, cache.locate(tf))
     _register_gradient(tf, module)
     return module
-
-
-def _compile_command(tf, output):
-    compiler = os.environ.get("CXX", "c++")
-    return [compiler, "-shared", "-fPIC", "-O3", "-march=native", "-ffp-contract=off", "-w", SOURCE, "-o", output,
-            *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
-
-
-def _build_if_missing(tf):
-    command = _compile_command(tf, "OUTPUT")
-    try:
-        compiler = subprocess.run([command[0], "--version"], capture_output=True, text=True, errors="replace",
-                                  timeout=60).stdout
-    except FileNotFoundError as e:
-        raise RuntimeError(f"no C++ compiler {command[0]!r} (set $CXX)") from e
-    key = hashlib.sha256()
-    with open(SOURCE, "rb") as f:
-        key.update(f.read())
-    for part in (tf.__version__, " ".join(command), compiler, _cpu_identity()):
-        key.update(part.encode())
-    from keras_bit.weights.download import resolve_cache_dir  # lazily: building a model imports no weights code
-
-    folder = os.path.join(resolve_cache_dir(), "keras_bit_kernels")
-    path = os.path.join(folder, f"group_norm_{key.hexdigest()[:16]}.so")
-    if os.path.exists(path):
-        return path
-    os.makedirs(folder, exist_ok=True)
-    logger.info("Building keras_bit's fused GroupNorm kernel into %s (once per machine and TensorFlow)", path)
-    fd, tmp = tempfile.mkstemp(prefix=".group_norm_", suffix=".so.part", dir=folder)
-    os.close(fd)
-    try:
-        done = subprocess.run(_compile_command(tf, tmp), capture_output=True, text=True, errors="replace", timeout=600)
-        if done.returncode:
-            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
-            raise RuntimeError(f"{command[0]} failed: {errors[0] if errors else done.returncode}")
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from other users of a shared $KERAS_HOME
-        os.replace(tmp, path)  # atomic: another process sees the whole library or none
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _cpu_identity():
-    """The CPU's model and instruction-set flags: a library built with -march=native only runs where they match."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        return platform.machine() + platform.processor()
 
 
 def _register_gradient(tf, module):
