@@ -14,9 +14,10 @@ import importlib
 import os as _os
 import sys as _sys
 
-# The `keras-bit` command keeps TensorFlow's C++ log lines off the console (see keras_bit.console);
+_COMMAND = bool(_sys.argv) and _os.path.basename(_sys.argv[0]) == "keras-bit"  # run as the `keras-bit` command
+# The command keeps TensorFlow's C++ log lines off the console (see keras_bit.console);
 # it must act before Keras imports TensorFlow, which registering the layers below does.
-if _sys.argv and _os.path.basename(_sys.argv[0]) == "keras-bit":
+if _COMMAND:
     from keras_bit.console import quiet_tensorflow_import
 
     quiet_tensorflow_import()
@@ -32,8 +33,8 @@ _EXPORTS = {
     "BiT": "keras_bit.models.bit",
     "ResNetV2": "keras_bit.models.bit",
     "convert": "keras_bit.models.bit",
-    "feature_model": "keras_bit.models.bit",
-    "feature_info": "keras_bit.models.bit",
+    "feature_model": "keras_bit.models.resnet_v2",
+    "feature_info": "keras_bit.models.resnet_v2",
     "MODEL_NAMES": "keras_bit.presets",
     "Preset": "keras_bit.presets",
     "DownloadError": "keras_bit.weights.download",
@@ -82,10 +83,24 @@ def __dir__():
     return sorted([*globals(), *__all__])
 
 
+def _import_keras():
+    """Keras, or one line naming the pip extra that installs its backend (exit status 2 under `keras-bit`)."""
+    from keras_bit.backend import BackendError, import_keras
+
+    try:
+        return import_keras()
+    except BackendError as e:
+        if _COMMAND:  # a user's error there is one line and exit status 2, never a traceback
+            print(f"keras-bit: error: {e}", file=_sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
 # `.keras` files name the layers as "keras_bit>StandardizedConv2D": registering them needs only Keras.
+_keras_backend = _import_keras().backend.backend()
 importlib.import_module("keras_bit.layers")
 
-if importlib.import_module("keras").backend.backend() == "tensorflow":
+if _keras_backend == "tensorflow":
     __all__ = sorted([*_EXPORTS, *_TENSORFLOW_EXPORTS, *_MODULES])
 else:
     __all__ = sorted([*_EXPORTS, *(m for m in _MODULES if m not in _TENSORFLOW_MODULES)])

@@ -1,4 +1,4 @@
-"""Which parts of keras_bit need TensorFlow, and the error when it is missing or another backend is active.
+"""Which parts of keras_bit need TensorFlow, and the errors when it, or any Keras backend, is missing.
 
 The models, layers, weights and preprocessing use `keras.ops` only and run on
 every Keras backend. Fine-tuning (tf.data, tf.distribute), SavedModel export
@@ -6,6 +6,11 @@ and prediction from SavedModels are TensorFlow programs.
 """
 
 import importlib
+import os
+import sys
+
+# The Keras backends a keras-bit extra installs, and the packages each one imports.
+BACKEND_PACKAGES = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib"), "torch": ("torch",)}
 
 
 class BackendError(ImportError):
@@ -42,3 +47,49 @@ def require(module, feature, extra):
         return importlib.import_module(module)
     except ImportError as e:
         raise BackendError(f"{feature} needs the {module!r} package: pip install 'keras-bit[{extra}]'.") from e
+
+
+def import_keras():
+    """Imports Keras, or raises `BackendError` naming the backend Keras is set to and the extra that installs it.
+
+    `pip install keras-bit` alone installs Keras without a backend; Keras then
+    fails on its first import with `No module named 'tensorflow'`.
+
+    Example:
+        >>> keras = import_keras()
+    """
+    try:
+        return importlib.import_module("keras")
+    except ImportError as e:
+        raise BackendError(_no_backend_message(e)) from e
+    except ValueError as e:
+        if not str(e).startswith("Unable to import backend"):  # Keras' words for a name it does not know
+            raise
+        active, chosen = _chosen_backend()
+        raise BackendError(f"Keras is set to use {active!r} ({chosen}), which is not a Keras backend: use "
+                           f"{', '.join(BACKEND_PACKAGES)} (keras-bit's extras) or another Keras supports.") from e
+
+
+def _chosen_backend():
+    """`(backend name, where it was chosen)`; Keras reads its settings before it imports the backend."""
+    config = sys.modules.get("keras.src.backend.config")
+    active = config.backend() if config is not None else os.environ.get("KERAS_BACKEND", "tensorflow")
+    if "KERAS_BACKEND" in os.environ:
+        chosen = f"KERAS_BACKEND={os.environ['KERAS_BACKEND']}"
+    elif config is not None and os.path.exists(os.path.join(config.keras_home(), "keras.json")):
+        chosen = f"\"backend\" in {os.path.join(config.keras_home(), 'keras.json')}"
+    else:
+        chosen = "Keras' default; set KERAS_BACKEND to choose"
+    return active, chosen
+
+
+def _no_backend_message(error):
+    active, chosen = _chosen_backend()
+    missing = (getattr(error, "name", None) or "").split(".")[0]
+    why = ("is not installed" if missing in BACKEND_PACKAGES.get(active, (active,))
+           else f"failed to import ({type(error).__name__}: {error})")
+    extras = sorted(BACKEND_PACKAGES, key=lambda extra: extra != active)  # the chosen backend first
+    others = ", ".join(f'"keras-bit[{extra}]"' for extra in extras[1:])
+    return (f"keras_bit needs a Keras backend: Keras is set to use {active!r} ({chosen}), which {why}. "
+            f'Install it with pip install "keras-bit[{extras[0]}]" (or {others} with KERAS_BACKEND='
+            f"{' / '.join(extras[1:])}).")

@@ -36,7 +36,8 @@ def decode_predictions(preds, top=5, cache_dir=None):
 
     Args:
         preds: array of shape `(batch, 1000)` or `(batch, 21843)`.
-        top: int, how many classes to return per row.
+        top: int (Python or NumPy), how many classes to return per row
+            (all of them when `top` exceeds the class count, as in Keras).
         cache_dir: cache root for the 21k label files (default `$KERAS_HOME`
             or `~/.keras`).
 
@@ -44,20 +45,31 @@ def decode_predictions(preds, top=5, cache_dir=None):
         One list per row of `(wordnet_id, name, score)` tuples, best first.
 
     Raises:
-        ValueError: `preds` is not 2D with 1000 or 21843 columns.
+        ValueError: `preds` is not 2D with 1000 or 21843 columns, holds NaN
+            or infinite scores, or `top` is not a positive integer.
+        TypeError: `preds` is not real-valued (e.g. strings, booleans).
         keras_bit.DownloadError: label files neither cached nor downloadable.
 
     Example:
         >>> decode_predictions(model.predict(x), top=3)[0]
         [('n02123045', 'tabby', 0.83), ...]
     """
-    preds = np.asarray(preds)
+    preds = keras.ops.convert_to_numpy(preds) if keras.ops.is_tensor(preds) else np.asarray(preds)
     if preds.ndim != 2 or preds.shape[1] not in (presets.IMAGENET_CLASSES, presets.IMAGENET21K_CLASSES):
         raise ValueError(
             "`decode_predictions` expects a batch of predictions of shape (samples, 1000) or "
             f"(samples, {presets.IMAGENET21K_CLASSES}). Received array of shape: {preds.shape}"
         )
-    check_positive_int(top, "top")
+    if preds.dtype == bool or not np.issubdtype(preds.dtype, np.number) or np.iscomplexobj(preds):
+        raise TypeError(f"`decode_predictions` expects real-valued scores. Received: preds of dtype {preds.dtype}")
+    bad = ~np.isfinite(preds)
+    if bad.any():  # argsort puts NaN last, so NaN would rank first
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ValueError(
+            f"`decode_predictions` got non-finite scores (NaN or infinity) in {len(rows)} of {len(preds)} rows "
+            f"(first: row {rows[0]}): the model's output is broken, there is no ranking to decode."
+        )
+    top = check_positive_int(top, "top")
     if preds.shape[1] == presets.IMAGENET_CLASSES:
         target = download.cached_path("imagenet_class_index.json", "models")
         try:

@@ -1,12 +1,57 @@
-"""Argument checks shared by the public functions (keras.applications-style messages)."""
+"""Argument checks shared by the public functions (keras.applications-style messages).
+
+The one place that says what an integer argument is: a Python or NumPy
+integer (`np.int64` sizes come out of every array computation, and Keras
+takes them), never a bool. Checks return the value as a plain `int`, which
+is what callers must keep: a NumPy integer in a layer config or `run.json`
+would not serialise.
+"""
+
+import collections.abc
 
 import numpy as np
 
 
-def check_positive_int(value, name):
-    """Raises `ValueError` naming `name` and the value unless `value` is an int > 0 (bools excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def is_int(value):
+    """True for Python and NumPy integers; False for bools (`True` is not a size) and everything else."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_positive_int(value, name, maximum=None):
+    """Returns `value` as an `int`; `ValueError` naming `name` unless it is an integer in 1..`maximum`.
+
+    Example:
+        >>> check_positive_int(np.int64(10), "classes")
+        10
+    """
+    if not is_int(value) or value <= 0:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be at most {maximum}. Received: {name}={value!r}")
+    return int(value)
+
+
+def as_sequence(value):
+    """`value` as a tuple if it is an ordered sequence (tuple, list, range, 1-D NumPy array), else None.
+
+    Strings, bytes, sets, dicts and iterators are not sequences of sizes: None.
+
+    Example:
+        >>> as_sequence(range(1, 3)), as_sequence("12")
+        ((1, 2), None)
+    """
+    if isinstance(value, np.ndarray):
+        return tuple(value.tolist()) if value.ndim == 1 else None
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, collections.abc.Sequence):
+        return None
+    return tuple(value)
+
+
+def check_name(value, name="name"):
+    """Returns `value` if it is a non-empty string without "/" (what Keras needs of a model or layer name)."""
+    if not isinstance(value, str) or not value or "/" in value:
+        raise ValueError(f"`{name}` must be a non-empty string without '/'. Received: {name}={value!r}")
+    return value
 
 
 def check_class_names(names, num_classes, where="class names"):

@@ -81,3 +81,50 @@ def test_decode_rejects_other_widths(shape):
 def test_decode_rejects_bad_top():
     with pytest.raises(ValueError, match="`top` must be a positive integer. Received: top=0"):
         keras_bit.decode_predictions(np.zeros((1, 1000)), top=0)
+
+
+# --- Scores and arguments as a user gives them (issue 22, property 5) ---
+
+def _fake_index(monkeypatch):
+    monkeypatch.setattr(imagenet_utils, "CLASS_INDEX", {str(i): [f"n{i:08d}", f"class_{i}"] for i in range(1000)})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_decode_refuses_non_finite_scores(monkeypatch, tmp_path, bad):
+    """A NaN used to rank first (argsort puts it last); refused for 1k and, before any download, for 21k."""
+    _fake_index(monkeypatch)
+    monkeypatch.setenv("KERAS_BIT_BASE_URL", "file:///nonexistent/")
+    for width in (1000, presets.IMAGENET21K_CLASSES):
+        preds = np.full((3, width), 0.001, "float32")
+        preds[2, 5] = bad
+        with pytest.raises(ValueError, match=r"non-finite scores \(NaN or infinity\) in 1 of 3 rows \(first: row 2\)"):
+            keras_bit.decode_predictions(preds, cache_dir=tmp_path)
+
+
+def test_decode_top_as_numpy_integer_and_beyond_the_class_count(monkeypatch):
+    _fake_index(monkeypatch)
+    preds = np.linspace(0, 1, 1000, dtype="float32")[None]
+    assert [d[1] for d in keras_bit.decode_predictions(preds, top=np.int64(3))[0]] == ["class_999", "class_998",
+                                                                                      "class_997"]
+    assert len(keras_bit.decode_predictions(preds, top=np.int32(5000))[0]) == 1000  # as Keras: every class
+    tensor = keras.ops.convert_to_tensor(preds)
+    assert keras_bit.decode_predictions(tensor, top=1)[0][0][1] == "class_999"
+
+
+@pytest.mark.parametrize("top", [0, -1, 2.0, True, np.True_, "5", None])
+def test_decode_rejects_bad_top_values(top):
+    with pytest.raises(ValueError, match=r"`top` must be a positive integer. Received: top="):
+        keras_bit.decode_predictions(np.zeros((1, 1000)), top=top)
+
+
+@pytest.mark.parametrize("preds,kind,message", [
+    (np.zeros((1, 1, 1000)), ValueError, r"Received array of shape: \(1, 1, 1000\)"),
+    (np.zeros(()), ValueError, r"Received array of shape: \(\)"),
+    (np.zeros((1, 1000), bool), TypeError, r"expects real-valued scores. Received: preds of dtype bool"),
+    (np.full((1, 1000), "0.1"), TypeError, r"dtype <U3"),
+    (np.zeros((1, 1000), complex), TypeError, r"dtype complex128"),
+    (np.zeros((1, 1000), object), TypeError, r"dtype object"),
+])
+def test_decode_rejects_bad_prediction_arrays(preds, kind, message):
+    with pytest.raises(kind, match=message):
+        keras_bit.decode_predictions(preds)

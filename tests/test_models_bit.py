@@ -221,12 +221,22 @@ ERRORS = [
     (dict(classes=-3, weights=None), r"`classes` must be a positive integer. Received: classes=-3"),
     (dict(classes=2.5, weights=None), r"`classes` must be a positive integer. Received: classes=2.5"),
     (dict(include_top="yes", weights=None), r"`include_top` must be True or False. Received: include_top='yes'"),
+    # Issue 22: each with the published (default) weights, so each is refused before any download.
+    (dict(classes=1), r"A softmax over one class is always 1\.0: for a binary .*classifier_activation='softmax'"),
+    (dict(include_top=False, classes=10), r"`classes` sizes the classification head, which include_top=False"),
+    (dict(classes=10**9), r"the head \(classes\) would hold 2,048,000,000,000 weights"),
+    (dict(input_shape=(224, 224, 2)), r"expect 3 input channels \(RGB\). Received: input_shape=\(224, 224, 2\)"),
+    (dict(input_shape=(224.0, 224, 3)), r"Input height and width must be None or integers >= 32"),
+    (dict(name=7), r"`name` must be a non-empty string without '/'. Received: name=7"),
+    (dict(name="a/b"), r"`name` must be a non-empty string without '/'"),
+    (dict(output_stride=np.float64(16)), r"`output_stride` must be one of \(8, 16, 32\)"),
 ]
 
 
 @pytest.mark.parametrize("kwargs,message", ERRORS)
 def test_argument_errors(kwargs, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KERAS_BIT_BASE_URL", "file:///nonexistent/")  # a download attempt fails differently
     with pytest.raises(ValueError, match=message):
         keras_bit.BiTM_R50x1(**kwargs)
 
@@ -255,3 +265,33 @@ def test_unknown_model_and_architecture_errors():
         keras_bit.ResNetV2(base_width=16)
     with pytest.raises(ValueError, match=r"`width_factor` must be a positive integer. Received: width_factor=0"):
         keras_bit.ResNetV2(width_factor=0)
+
+
+def test_numpy_integers_with_weights_give_the_same_model(tmp_path, rng):
+    """ResNetV2 with np.int64 / array arguments loads a checkpoint exactly as with Python ints."""
+    tiny_checkpoint(tmp_path / "tiny.npz", classes=10)
+    x = images(rng)
+    plain = tiny_model(weights=str(tmp_path / "tiny.npz"), classes=10, output_stride=16)
+    numpy = keras_bit.ResNetV2(np.array([2, 1, 1, 1]), np.int64(1), weights=str(tmp_path / "tiny.npz"),
+                               input_shape=np.array([TINY_SIZE, TINY_SIZE, 3]), classes=np.int64(10),
+                               base_width=np.int32(32), groups=np.int64(8), output_stride=np.int64(16),
+                               default_size=np.int64(TINY_SIZE))
+    expected = plain.predict(x, verbose=0)
+    assert expected.std() > 1e-3  # the checkpoint's random head: outputs depend on the input
+    np.testing.assert_array_equal(numpy.predict(x, verbose=0), expected)
+    assert numpy.to_json() == plain.to_json()
+
+
+def test_one_class_checkpoint_needs_another_activation(tmp_path, rng):
+    tiny_checkpoint(tmp_path / "one.npz", classes=1)
+    with pytest.raises(ValueError, match=r"A softmax over one class is always 1\.0: pass classifier_activation=None"):
+        tiny_model(weights=str(tmp_path / "one.npz"))  # classes=None: the checkpoint's single class
+    model = tiny_model(weights=str(tmp_path / "one.npz"), classifier_activation=None)
+    scores = model.predict(images(rng, n=4), verbose=0)
+    assert scores.shape == (4, 1) and np.ptp(scores) > 1e-4  # loaded (random) head: input-dependent
+
+
+def test_classes_none_without_head_with_weights(tmp_path):
+    tiny_checkpoint(tmp_path / "tiny.npz", classes=10)
+    model = tiny_model(weights=str(tmp_path / "tiny.npz"), include_top=False, classes=None, pooling="avg")
+    assert model.output_shape == (None, 1024)

@@ -217,3 +217,115 @@ def test_float_arguments_are_rejected(case):
     else:
         with pytest.raises(ValueError, match=r"`output_stride` must be one of"):  # today: builds
             resnet_v2.build_resnet_v2(**TINY, input_shape=(64, 64, 3), output_stride=16.0)
+
+
+# --- Arguments as Keras takes them (issue 22, property 5) ---
+
+NUMPY_TINY = dict(block_units=np.array([2, 1, 1, 1]), base_width=np.int32(32), groups=np.int64(8),
+                  width_factor=np.int64(1))
+
+
+def test_numpy_integers_and_sequences_build_the_same_model():
+    """np.int64 / np.int32 sizes and array / range sequences, as Keras takes them; configs hold plain ints."""
+    plain = resnet_v2.build_resnet_v2(**TINY, input_shape=[64, 64, 3], classes=10, output_stride=16)
+    numpy = resnet_v2.build_resnet_v2(**NUMPY_TINY, input_shape=np.array([64, 64, 3]), classes=np.int64(10),
+                                      output_stride=np.int32(16))
+    mixed = resnet_v2.build_resnet_v2([np.int8(2), 1, 1, 1], base_width=32, groups=8,
+                                      input_shape=(np.int64(64), 64, np.int32(3)), classes=10, output_stride=16)
+    # A NumPy integer left in a layer config would make these fail (json cannot write np.int64).
+    assert json.loads(numpy.to_json()) == json.loads(plain.to_json()) == json.loads(mixed.to_json())
+    assert numpy.output_shape == (None, 10) and numpy.count_params() == plain.count_params()
+    units = resnet_v2.check_architecture(range(1, 5), np.int64(2), 32, np.int32(8))
+    assert units == ((1, 2, 3, 4), 2, 32, 8, 32) and all(type(u) is int for u in units[0])
+
+
+def test_feature_model_takes_any_integer_sequence():
+    model = tiny_model(include_top=False, input_shape=None)
+    expected = keras_bit.feature_model(model, out_indices=(1, 2, 3, 4)).feature_info
+    for out_indices in (range(1, 5), np.arange(1, 5), [np.int64(1), np.int32(2), 3, np.int8(4)]):
+        features = keras_bit.feature_model(model, out_indices=out_indices)
+        assert features.feature_info == expected
+        assert all(type(f["index"]) is int for f in features.feature_info)
+    for out_indices in (np.array([1.0, 2.0]), np.array([[1, 2]]), {1, 2}, iter([1, 2]), range(0), [np.True_]):
+        with pytest.raises(ValueError, match=r"`out_indices` must be a non-empty sequence of indices in 0\.\.4"):
+            keras_bit.feature_model(model, out_indices=out_indices)
+
+
+BAD_ARGUMENTS = [  # (keyword, values, message): each refused before anything is built
+    ("input_shape", [(224.0, 224, 3), ("224", 224, 3), (-64, 64, 3), (0, 64, 3), (True, 64, 3), (64, 64.0, 3),
+                     (np.float32(64), 64, 3)], r"Input height and width must be None or integers >= 32. Received: "),
+    ("input_shape", ["64,64,3", b"abc", {64, 3, 5}, np.zeros((3, 1), int), (64, 64, 3, 1), iter((64, 64, 3)), 64],
+     r"`input_shape` must be a tuple of 3 values \(height, width, channels\)"),
+    ("input_shape", [(64, 64, c) for c in (0, -3, 3.0, True, None, "3")],
+     r"The channel count in `input_shape` must be a positive integer"),
+    ("block_units", [(True, 1, 1, 1), (1.0, 1, 1, 1), "1111", np.ones((2, 2), int), {1, 2, 3, 4}, (1, 1, 1, 0),
+                     (1, 1, 1, -1), (1, 1, 1, None), 4], r"`block_units` must be a sequence of 4 positive integers"),
+    ("width_factor", [0, 1.0, True, np.float64(1), "1"], r"`width_factor` must be a positive integer"),
+    ("classes", [0, -1, 2.0, True, np.True_, "10"], r"`classes` must be a positive integer"),
+    ("pooling", ["AVG", "mean", 1, ["avg"], True, np.array(["avg", "max"])],
+     r"`pooling` must be one of \(None, 'avg', 'max'\)"),
+    ("name", [123, "", "a/b", None, b"model"], r"`name` must be a non-empty string without '/'. Received: name="),
+    ("include_top", [1, "True", None, np.int64(1)], r"`include_top` must be True or False"),
+]
+
+
+@pytest.mark.parametrize("keyword,values,message", BAD_ARGUMENTS, ids=[case[0] for case in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_before_building(keyword, values, message, monkeypatch):
+    built = []
+    monkeypatch.setattr(resnet_v2, "_backbone", lambda *a: built.append(a))  # reaching it would be a bug
+    for value in values:
+        kwargs = dict(TINY, input_shape=(64, 64, 3), include_top=keyword != "pooling")
+        kwargs[keyword] = value
+        with pytest.raises(ValueError, match=message):
+            resnet_v2.build_resnet_v2(**kwargs)
+    assert not built
+
+
+def test_huge_sizes_are_refused_before_anything_is_allocated():
+    cases = [
+        (dict(classes=10**9), r"the head \(classes\) would hold 1,024,000,000,000 weights \(3815 GiB in float32\)"),
+        (dict(width_factor=10**4), r"the block-4 3x3 convolution \(width\) would hold"),
+        (dict(input_shape=(64, 64, 10**8), include_top=False), r"the stem convolution \(input channels\) would hold"),
+        (dict(block_units=(1, 1, 10**9, 1)), r"`block_units` asks for 1000000003 units in all, beyond 1000"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            resnet_v2.build_resnet_v2(**{**TINY, "input_shape": (64, 64, 3), **kwargs})
+    resnet_v2.check_architecture((1, 1, resnet_v2.MAX_UNITS - 3, 1), 1, 32, 8)  # the bound itself is allowed
+
+
+def test_size_bound_is_per_variable_and_exact():
+    root = 32
+    most = resnet_v2.MAX_VARIABLE_ELEMENTS // (32 * root)  # the largest head the bound allows at this width
+    resnet_v2.check_sizes(1, root, 3, most)
+    with pytest.raises(ValueError, match=r"the head \(classes\)"):
+        resnet_v2.check_sizes(1, root, 3, most + 1)
+    resnet_v2.check_sizes(1, root, None, None)  # unknown input depth, no head
+    largest_bit = 32 * 64 * 4 * 21843  # R152x4's 21k head: far inside
+    assert largest_bit < resnet_v2.MAX_VARIABLE_ELEMENTS / 10
+
+
+def test_classes_without_the_head_is_refused_none_is_fine():
+    with pytest.raises(ValueError, match=r"`classes` sizes the classification head, which include_top=False leaves "
+                                         r"out\. .*Received: classes=10, include_top=False"):
+        resnet_v2.build_resnet_v2(**TINY, include_top=False, classes=10)
+    assert resnet_v2.build_resnet_v2(**TINY, include_top=False, classes=None).output_shape == (None, None, None, 1024)
+    assert resnet_v2.build_resnet_v2(**TINY, input_shape=(64, 64, 3)).output_shape == (None, 1000)  # the default
+    model = resnet_v2.build_resnet_v2(**TINY, include_top=np.bool_(False), pooling=np.str_("max"))
+    assert model.output_shape == (None, 1024) and model.layers[-1].name == "max_pool"
+
+
+@pytest.mark.parametrize("activation", ["softmax", keras.activations.softmax])
+def test_one_class_softmax_is_refused(activation):
+    with pytest.raises(ValueError, match=r"A softmax over one class is always 1\.0: for a binary "
+                                         r".*classifier_activation='sigmoid'"):
+        resnet_v2.build_resnet_v2(**TINY, input_shape=(64, 64, 3), classes=1, classifier_activation=activation)
+
+
+def test_one_class_sigmoid_head_says_something(rng):
+    model = resnet_v2.build_resnet_v2(**TINY, input_shape=(64, 64, 3), classes=np.int64(1),
+                                      classifier_activation="sigmoid")
+    head = model.get_layer("head")
+    head.set_weights([rng.normal(scale=0.02, size=w.shape).astype("float32") for w in head.get_weights()])  # not 0
+    scores = model.predict(images(rng, n=4), verbose=0)
+    assert scores.shape == (4, 1) and np.all((scores > 0) & (scores < 1)) and np.ptp(scores) > 1e-4

@@ -1,4 +1,4 @@
-"""BiT models with weights: resolve the weights, build the architecture, load; and multi-scale features.
+"""BiT models with weights: resolve the weights, build the architecture (`resnet_v2`), load.
 
 `ResNetV2` (any depth and width) and `BiT(model_name)` with its twelve named
 constructors (`BiTM_R50x1`, ...) take the `keras.applications` arguments and
@@ -19,6 +19,7 @@ import keras
 from keras_bit import presets
 from keras_bit.layers import GN_GROUPS
 from keras_bit.models import resnet_v2
+from keras_bit.validation import check_name, check_positive_int
 from keras_bit.weights import keras_h5, sources
 
 logger = logging.getLogger("keras_bit")
@@ -44,6 +45,8 @@ def _plan_head(include_top, classes, source_classes, classifier_activation):
     load_head = include_top and source_classes is not None and head_classes == source_classes
     if load_head:
         _check_pretrained_head_activation(classifier_activation)
+    if include_top:
+        resnet_v2.check_one_class_head(head_classes, classifier_activation, load_head)  # a one-class checkpoint
     return head_classes, load_head
 
 
@@ -71,9 +74,12 @@ def ResNetV2(
     The named constructors (`BiTM_R50x1`, ...) call this with a row of
     `presets.ARCHITECTURES`; call it directly for custom (e.g. tiny) networks.
     All arguments are validated before anything is built or downloaded.
+    Integers may be Python or NumPy ones (never bools), sequences any
+    ordered kind (tuple, list, range, 1-D array), as Keras takes them.
 
     Args:
-        block_units: 4 ints, units per block: (3, 4, 6, 3) is R50.
+        block_units: 4 ints, units per block: (3, 4, 6, 3) is R50 (at most
+            1000 units in all).
         width_factor: int, the "x1"/"x3" multiplier of every width.
         include_top: bool, whether to add the GN-ReLU-pool-Dense head.
         weights: None (random init), a published name for `model_name`
@@ -90,9 +96,11 @@ def ResNetV2(
         classes: int, head size. None means the checkpoint's class count
             (1000 without weights). A count different from the checkpoint's
             loads the backbone and builds a new zero-initialised head (the BiT
-            fine-tuning recipe).
+            fine-tuning recipe). Refused with `include_top=False` (there is
+            no head to size) and, with softmax, for 1 class (always 1.0).
+            A variable beyond 2**31 weights is refused before allocation.
         classifier_activation: activation of the head (str, callable or None).
-        name: model name.
+        name: model name (a non-empty string without "/").
         base_width: int, root width before `width_factor` (64 in BiT).
         groups: int, GroupNorm groups (32 in BiT).
         output_stride: 32 (classification), 16 or 8: the later blocks trade
@@ -114,24 +122,27 @@ def ResNetV2(
         >>> tiny.output_shape
         (None, 10)
     """
-    architecture = (tuple(block_units) if isinstance(block_units, (tuple, list)) else block_units,
-                    width_factor, base_width, groups)
-    resnet_v2.check_architecture(*architecture, output_stride=output_stride)
-    pooling = resnet_v2.check_head(include_top, pooling, classes, classifier_activation)
+    *architecture, output_stride = resnet_v2.check_architecture(
+        block_units, width_factor, base_width, groups, output_stride)  # plain ints from here on
+    units, width_factor, base_width, groups = architecture
+    include_top, pooling, classes = resnet_v2.check_head(include_top, pooling, classes, classifier_activation)
+    name = check_name(name)
+    default_size = check_positive_int(default_size, "default_size")
     source = sources.resolve(weights, model_name)  # names, handles and files checked; nothing downloaded
     channels = 3 if source is not None else None
-    resnet_v2.check_input_shape(input_shape, include_top, default_size, channels)
+    shape = resnet_v2.check_input_shape(input_shape, include_top, default_size, channels)
+    resnet_v2.check_sizes(width_factor, base_width, shape[-1], classes)
     if source is not None and source.hub is None and (source.classes is not None or source.preset is None):
         _plan_head(include_top, classes, source.classes, classifier_activation)  # before any download
     if source is not None:
-        source = sources.fetch(source, cache_dir, architecture)  # before building: fail fast when offline
+        source = sources.fetch(source, cache_dir, tuple(architecture))  # before building: fail fast when offline
     head_classes, load_head = _plan_head(include_top, classes, source and source.classes, classifier_activation)
+    size = (source and source.resolution) or default_size
     model = resnet_v2.build_resnet_v2(
-        *architecture[:2], include_top=include_top, input_tensor=input_tensor,
-        input_shape=resnet_v2.check_input_shape(input_shape, include_top, (source and source.resolution) or default_size,
-                                                channels),
-        pooling=pooling, classes=head_classes, classifier_activation=classifier_activation, name=name,
-        base_width=base_width, groups=groups, output_stride=output_stride,
+        units, width_factor, include_top=include_top, input_tensor=input_tensor,
+        input_shape=resnet_v2.check_input_shape(input_shape, include_top, size, channels),
+        pooling=pooling, classes=head_classes if include_top else None, classifier_activation=classifier_activation,
+        name=name, base_width=base_width, groups=groups, output_stride=output_stride,
     )
     if source is not None:
         sources.load_source(model, source, load_head)
@@ -237,59 +248,6 @@ def convert(weights, output_path, model_name, overwrite=False):
     return model
 
 
-def feature_info(model):
-    """`[{"index", "name", "channels", "stride"}, ...]` for index 0 (stem) to 4 (block 4) of a keras_bit model.
-
-    Index 0 is the stem convolution (stride 2, as timm's `features_only`);
-    1-4 are the block outputs, the raw residual sums (pre-activation networks
-    normalise at the start of the next unit), at strides 4, 8, 16, 32 unless
-    the model was built with a smaller `output_stride`.
-    """
-    names = ["root_block_conv"] + [f"block{b}_out" for b in range(1, 5)]
-    missing = [n for n in names if n not in {layer.name for layer in model.layers}]
-    if missing:
-        raise ValueError(f"`model` has no layer named {missing}; expected a keras_bit model. "
-                         f"Received: model={model.name!r}")
-    info, stride = [], resnet_v2.STEM_STRIDE // 2
-    for index, layer_name in enumerate(names):
-        if index:
-            stride *= (2 if index == 1 else 1) * model.get_layer(f"block{index}_unit01_b_conv").strides[0]
-        info.append({"index": index, "name": layer_name, "stride": stride,
-                     "channels": int(model.get_layer(layer_name).output.shape[-1])})
-    return info
-
-
-def feature_model(model, out_indices=(1, 2, 3, 4)):
-    """Returns a model emitting multi-scale features (like timm's `features_only`, HF's `BitBackbone`).
-
-    Args:
-        model: a keras_bit model (any `include_top`, any `output_stride`).
-        out_indices: which features, in order: 0 the stem convolution
-            (stride 2), 1-4 the outputs of blocks 1-4 (strides 4, 8, 16, 32
-            at output stride 32).
-
-    Returns:
-        A `keras.Model` sharing `model`'s weights, one output per index; its
-        `feature_info` attribute lists each output's index, layer name,
-        channels and stride.
-
-    Example:
-        >>> feats = feature_model(keras_bit.BiTM_R50x1(weights=None, include_top=False), out_indices=(0, 4))
-        >>> [(f["channels"], f["stride"]) for f in feats.feature_info]
-        [(64, 2), (2048, 32)]
-    """
-    info = feature_info(model)
-    if (not isinstance(out_indices, (tuple, list)) or not out_indices
-            or any(type(i) is not int or i not in range(len(info)) for i in out_indices)):
-        raise ValueError(f"`out_indices` must be a non-empty sequence of indices in 0..{len(info) - 1} "
-                         f"(0: stem, 1-4: blocks). Received: out_indices={out_indices!r}")
-    chosen = [info[i] for i in out_indices]
-    features = keras.Model(model.input, [model.get_layer(f["name"]).output for f in chosen],
-                           name=f"{model.name}_features")
-    features.feature_info = chosen
-    return features
-
-
 BASE_DOCSTRING = """Instantiates the {model_name} architecture ({upstream}).
 
     ResNetV2 ({depth} layers, width x{width}) with GroupNorm and weight-
@@ -318,7 +276,8 @@ BASE_DOCSTRING = """Instantiates the {model_name} architecture ({upstream}).
             or "max" (2D features).
         classes: head size. None means the checkpoint's class count (1000
             without weights). Any other count loads the backbone and builds a
-            zero-initialised head, as BiT fine-tuning does.
+            zero-initialised head, as BiT fine-tuning does. Needs the head
+            (include_top=True); 1 class needs "sigmoid" or None, not softmax.
         classifier_activation: head activation (str or callable, or None for
             logits). Only None or "softmax" with the pretrained head.
         name: model name.

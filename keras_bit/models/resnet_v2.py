@@ -16,9 +16,10 @@ Reference:
 import warnings
 
 import keras
+import numpy as np
 
 from keras_bit.layers import GN_GROUPS, GroupNormalization, StandardizedConv2D
-from keras_bit.validation import check_positive_int
+from keras_bit.validation import as_sequence, check_name, check_positive_int, is_int
 
 POOLINGS = (None, "avg", "max")
 MIN_SIZE = 32
@@ -26,65 +27,83 @@ BLOCK_STRIDES = (1, 2, 2, 2)
 STEM_STRIDE = 4  # the 7x7/2 convolution and the 3x3/2 max-pool
 OUTPUT_STRIDES = (8, 16, 32)
 DEFAULT_SIZE = 224
+# No BiT variable comes near it (the largest, R152x4's 21843-class head, has 179M weights); 2**31 elements
+# (8 GiB float32) is where int32-indexed kernels and 2 GB protobuf formats (SavedModel, ONNX) stop.
+MAX_VARIABLE_ELEMENTS = 2**31 - 1
+# Building is a Python loop over ~10 layers per unit: 10**9 units would run for days before failing. The deepest
+# published ResNet (He et al. 2016, 1001 layers) has 333 units; BiT's R152 has 50.
+MAX_UNITS = 1000
+DEFAULT_CLASSES = 1000  # ImageNet-1k, keras.applications' default head
 # BiT's layers are channels-last (HWIO checkpoints), whatever the global image_data_format.
 DATA_FORMAT = "channels_last"
 
 
 def check_architecture(block_units, width_factor, base_width, groups, output_stride=32):
-    """Raises `ValueError` unless the arguments describe a buildable BiT ResNetV2."""
-    if not isinstance(block_units, (tuple, list)) or len(block_units) != len(BLOCK_STRIDES):
+    """Returns `(block_units, width_factor, base_width, groups, output_stride)` as plain ints, or raises `ValueError`.
+
+    Integers may be Python or NumPy ones, `block_units` any sequence of 4
+    (tuple, list, range, NumPy array), as Keras takes sizes.
+    """
+    units = as_sequence(block_units)
+    if units is None or len(units) != len(BLOCK_STRIDES) or not all(is_int(u) and u > 0 for u in units):
         raise ValueError(
             "`block_units` must be a sequence of 4 positive integers (units per block). "
             f"Received: block_units={block_units!r}"
         )
-    for units in block_units:
-        check_positive_int(units, "block_units")
-    for value, arg in ((width_factor, "width_factor"), (base_width, "base_width"), (groups, "groups")):
+    if sum(units) > MAX_UNITS:
+        raise ValueError(f"`block_units` asks for {sum(units)} units in all, beyond {MAX_UNITS} (a typo? R152 has "
+                         f"50). Received: block_units={block_units!r}")
+    width_factor, base_width, groups = (
         check_positive_int(value, arg)
+        for value, arg in ((width_factor, "width_factor"), (base_width, "base_width"), (groups, "groups")))
     if (base_width * width_factor) % groups:
         raise ValueError(
             f"GroupNorm needs channel counts divisible by `groups`: base_width * width_factor "
             f"= {base_width * width_factor} is not a multiple of groups={groups}."
         )
-    if type(output_stride) is not int or output_stride not in OUTPUT_STRIDES:
+    if not is_int(output_stride) or output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"`output_stride` must be one of {OUTPUT_STRIDES}. Received: output_stride={output_stride!r}")
+    return tuple(int(u) for u in units), width_factor, base_width, groups, int(output_stride)
 
 
 def check_input_shape(input_shape, include_top, default_size, channels=None):
-    """The `(height, width, channels)` to build with; `channels` (e.g. 3 for pretrained weights) is enforced."""
+    """The `(height, width, channels)` to build with, as ints / None; `channels` (3 for pretrained) is enforced."""
     if input_shape is None:
         size = default_size if include_top else None
         return (size, size, channels or 3)
-    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3:
+    shape = as_sequence(input_shape)
+    if shape is None or len(shape) != 3:
         raise ValueError(
             "`input_shape` must be a tuple of 3 values (height, width, channels), channels "
             f"last. Received: input_shape={input_shape!r}"
         )
-    height, width, got = input_shape
+    height, width, got = shape
     if channels is not None and got != channels:
         raise ValueError(
-            f"Pretrained BiT weights expect {channels} input channels (RGB). "
-            f"Received: input_shape={tuple(input_shape)!r}"
+            f"Pretrained BiT weights expect {channels} input channels (RGB). Received: input_shape={shape!r}"
         )
-    if isinstance(got, bool) or not isinstance(got, int) or got <= 0:
+    if not is_int(got) or got <= 0:
         raise ValueError(
-            f"The channel count in `input_shape` must be a positive integer. "
-            f"Received: input_shape={tuple(input_shape)!r}"
+            f"The channel count in `input_shape` must be a positive integer. Received: input_shape={shape!r}"
         )
     for dim in (height, width):
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < MIN_SIZE):
+        if dim is not None and (not is_int(dim) or dim < MIN_SIZE):
             raise ValueError(
-                f"Input height and width must be None or integers >= {MIN_SIZE}. "
-                f"Received: input_shape={tuple(input_shape)!r}"
+                f"Input height and width must be None or integers >= {MIN_SIZE}. Received: input_shape={shape!r}"
             )
-    return tuple(input_shape)
+    return tuple(None if d is None else int(d) for d in shape)
 
 
 def check_head(include_top, pooling, classes, classifier_activation):
-    """Validates the head arguments; returns `pooling` (None when the head ignores it)."""
-    if not isinstance(include_top, bool):
+    """Returns `(include_top, pooling, classes)` checked: pooling None when the head ignores it, classes an int or None.
+
+    `classes` is the head size, so it needs the head; one class needs an
+    activation other than softmax (which is 1.0 for a single class).
+    """
+    if not isinstance(include_top, (bool, np.bool_)):
         raise ValueError(f"`include_top` must be True or False. Received: include_top={include_top!r}")
-    if pooling not in POOLINGS:
+    include_top = bool(include_top)
+    if not (pooling is None or isinstance(pooling, str)) or pooling not in POOLINGS:  # an array cannot be `in`
         raise ValueError(f"`pooling` must be one of {POOLINGS}. Received: pooling={pooling!r}")
     if include_top and pooling is not None:
         # keras.applications ignores `pooling` when the head is built; so do we, but say so.
@@ -94,7 +113,15 @@ def check_head(include_top, pooling, classes, classifier_activation):
         )
         pooling = None
     if classes is not None:
-        check_positive_int(classes, "classes")
+        classes = check_positive_int(classes, "classes")
+        if not include_top:
+            # keras.applications ignores `classes` here (its default is 1000, so it cannot tell a
+            # given value from the default); ours is None, so a count is a head the user expects.
+            raise ValueError(
+                f"`classes` sizes the classification head, which include_top=False leaves out. Pass "
+                f"include_top=True for a head of {classes} classes, or classes=None for features. "
+                f"Received: classes={classes!r}, include_top=False"
+            )
     if classifier_activation is not None and not callable(classifier_activation):
         try:
             keras.activations.get(classifier_activation)
@@ -103,7 +130,44 @@ def check_head(include_top, pooling, classes, classifier_activation):
                 "`classifier_activation` must be None, a callable or the name of a Keras "
                 f"activation. Received: classifier_activation={classifier_activation!r}"
             ) from e
-    return pooling
+    check_one_class_head(classes, classifier_activation)
+    return include_top, (None if pooling is None else str(pooling)), classes
+
+
+def check_one_class_head(classes, classifier_activation, pretrained=False):
+    """Refuses a softmax over a single class: it is 1.0 for every input, so the model could say nothing."""
+    if classes == 1 and keras.activations.get(classifier_activation) is keras.activations.softmax:
+        advice = ("pass classifier_activation=None for its logit (a loaded head takes None or softmax only)"
+                  if pretrained else
+                  "for a binary (one-score) head pass classifier_activation='sigmoid' (or None for a logit), "
+                  "or use classes=2")
+        raise ValueError(
+            f"A softmax over one class is always 1.0: {advice}. "
+            f"Received: classes=1, classifier_activation={classifier_activation!r}"
+        )
+
+
+def check_sizes(width_factor, base_width, channels, classes):
+    """Refuses, before anything is allocated, a network whose largest variable exceeds `MAX_VARIABLE_ELEMENTS`.
+
+    The largest are the stem convolution (7x7 x channels x root), the 3x3
+    convolution of block 4 (3x3 x 8 root x 8 root) and the head (32 root x
+    classes), where root = base_width * width_factor. `channels` and
+    `classes` may be None (not known, no head).
+    """
+    root = base_width * width_factor
+    sizes = {"the block-4 3x3 convolution (width)": 9 * (8 * root) ** 2}
+    if channels is not None:  # unknown for an input tensor of unknown depth
+        sizes["the stem convolution (input channels)"] = 49 * channels * root
+    if classes is not None:
+        sizes["the head (classes)"] = 32 * root * classes
+    for what, elements in sizes.items():
+        if elements > MAX_VARIABLE_ELEMENTS:
+            raise ValueError(
+                f"{what} would hold {elements:,} weights ({4 * elements / 2**30:.0f} GiB in float32), beyond "
+                f"{MAX_VARIABLE_ELEMENTS:,} per variable. Received: width_factor={width_factor}, "
+                f"base_width={base_width}, input channels={channels}, classes={classes}"
+            )
 
 
 def block_plan(output_stride=32):
@@ -180,7 +244,7 @@ def build_resnet_v2(
     input_tensor=None,
     input_shape=None,
     pooling=None,
-    classes=1000,
+    classes=None,
     classifier_activation="softmax",
     name="bit_resnetv2",
     *,
@@ -192,7 +256,8 @@ def build_resnet_v2(
     """Builds a randomly initialised BiT ResNetV2 of any depth, width and output stride.
 
     Use `keras_bit.ResNetV2` / `keras_bit.BiT` for pretrained weights; this
-    function only builds. Arguments as in `keras_bit.ResNetV2`.
+    function only builds. Arguments as in `keras_bit.ResNetV2` (`classes`:
+    None means 1000 with the head; it must be None without).
 
     Returns:
         A Functional `keras.Model`.
@@ -201,17 +266,21 @@ def build_resnet_v2(
         >>> build_resnet_v2((1, 1, 1, 1), base_width=32, groups=8, input_shape=(64, 64, 3), classes=10).output_shape
         (None, 10)
     """
-    check_architecture(block_units, width_factor, base_width, groups, output_stride)
-    pooling = check_head(include_top, pooling, classes, classifier_activation)
-    check_positive_int(classes, "classes")
-    input_shape = check_input_shape(input_shape, include_top, default_size)
+    block_units, width_factor, base_width, groups, output_stride = check_architecture(
+        block_units, width_factor, base_width, groups, output_stride)
+    include_top, pooling, classes = check_head(include_top, pooling, classes, classifier_activation)
+    if include_top and classes is None:
+        classes = DEFAULT_CLASSES
+    input_shape = check_input_shape(input_shape, include_top, check_positive_int(default_size, "default_size"))
+    name = check_name(name)
     if input_tensor is None:
         inputs = keras.Input(shape=input_shape, name="images")
     elif keras.backend.is_keras_tensor(input_tensor):
         inputs = input_tensor
     else:
         inputs = keras.Input(tensor=input_tensor, shape=input_shape, name="images")
-    x = _backbone(inputs, tuple(block_units), width_factor, base_width, groups, output_stride)
+    check_sizes(width_factor, base_width, inputs.shape[-1], classes)  # an Input allocates nothing
+    x = _backbone(inputs, block_units, width_factor, base_width, groups, output_stride)
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(data_format=DATA_FORMAT, name="avg_pool")(x)
         policy = keras.config.dtype_policy()
@@ -230,3 +299,56 @@ def build_resnet_v2(
         x = keras.layers.GlobalMaxPooling2D(data_format=DATA_FORMAT, name="max_pool")(x)
     model_inputs = inputs if input_tensor is None else keras.utils.get_source_inputs(input_tensor)
     return keras.Model(model_inputs, x, name=name)
+
+
+def feature_info(model):
+    """`[{"index", "name", "channels", "stride"}, ...]` for index 0 (stem) to 4 (block 4) of a keras_bit model.
+
+    Index 0 is the stem convolution (stride 2, as timm's `features_only`);
+    1-4 are the block outputs, the raw residual sums (pre-activation networks
+    normalise at the start of the next unit), at strides 4, 8, 16, 32 unless
+    the model was built with a smaller `output_stride`.
+    """
+    names = ["root_block_conv"] + [f"block{b}_out" for b in range(1, 5)]
+    missing = [n for n in names if n not in {layer.name for layer in model.layers}]
+    if missing:
+        raise ValueError(f"`model` has no layer named {missing}; expected a keras_bit model. "
+                         f"Received: model={model.name!r}")
+    info, stride = [], STEM_STRIDE // 2
+    for index, layer_name in enumerate(names):
+        if index:
+            stride *= (2 if index == 1 else 1) * model.get_layer(f"block{index}_unit01_b_conv").strides[0]
+        info.append({"index": index, "name": layer_name, "stride": stride,
+                     "channels": int(model.get_layer(layer_name).output.shape[-1])})
+    return info
+
+
+def feature_model(model, out_indices=(1, 2, 3, 4)):
+    """Returns a model emitting multi-scale features (like timm's `features_only`, HF's `BitBackbone`).
+
+    Args:
+        model: a keras_bit model (any `include_top`, any `output_stride`).
+        out_indices: which features, in order: 0 the stem convolution
+            (stride 2), 1-4 the outputs of blocks 1-4 (strides 4, 8, 16, 32
+            at output stride 32); any sequence (tuple, list, range, array).
+
+    Returns:
+        A `keras.Model` sharing `model`'s weights, one output per index; its
+        `feature_info` attribute lists each output's index, layer name,
+        channels and stride.
+
+    Example:
+        >>> feats = feature_model(keras_bit.BiTM_R50x1(weights=None, include_top=False), out_indices=(0, 4))
+        >>> [(f["channels"], f["stride"]) for f in feats.feature_info]
+        [(64, 2), (2048, 32)]
+    """
+    info = feature_info(model)
+    indices = as_sequence(out_indices)
+    if not indices or not all(is_int(i) and 0 <= i < len(info) for i in indices):
+        raise ValueError(f"`out_indices` must be a non-empty sequence of indices in 0..{len(info) - 1} "
+                         f"(0: stem, 1-4: blocks). Received: out_indices={out_indices!r}")
+    chosen = [info[int(i)] for i in indices]
+    features = keras.Model(model.input, [model.get_layer(f["name"]).output for f in chosen],
+                           name=f"{model.name}_features")
+    features.feature_info = chosen
+    return features
