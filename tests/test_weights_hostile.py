@@ -575,3 +575,35 @@ def test_the_reading_boundary_converts_errors_but_not_interrupts():
     with pytest.raises(KeyboardInterrupt):
         with core.reading("f", "k"):
             raise KeyboardInterrupt
+
+
+# --- The installed command: a hostile file is one line and exit status 2. ---
+
+
+def test_cli_convert_of_hostile_files_is_one_line(tmp_path, h5_file):
+    import shutil
+    import subprocess
+    import sys
+
+    beside = os.path.join(os.path.dirname(sys.executable), "keras-bit")  # this interpreter's, not another's
+    command = beside if os.path.exists(beside) else shutil.which("keras-bit")
+    if command is None:
+        pytest.skip("the keras-bit console script is not installed")
+    import h5py
+
+    path, _ = h5_file
+    _rewrite_h5(path, H5_STEM, lambda f, key, old: f.create_dataset(
+        key, shape=old.shape, dtype="f4", external=[("/etc/hostname", 0, h5py.h5f.UNLIMITED)]))
+    fifo = str(tmp_path / "pipe.npz")
+    os.mkfifo(fifo)
+    d = tiny_weights()
+    del d[HEAD_BIAS]
+    huge = _npz(tmp_path / "huge.npz", d, [(HEAD_BIAS, _npy((2**40,)))])
+    for source, message in ((path, "keeps its data in another file"), (fifo, "is a FIFO, not a regular file"),
+                            (huge, "has shape (1099511627776,)")):
+        proc = subprocess.run([command, "convert", source, str(tmp_path / "out.weights.h5"), "--model", "BiT-M-R50x1"],
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1, (proc.returncode, proc.stderr[-2000:])
+        assert err[0].startswith("keras-bit convert: error: ") and message in err[0], err
+        assert not os.path.exists(tmp_path / "out.weights.h5")
