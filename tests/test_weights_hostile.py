@@ -140,7 +140,7 @@ def test_npz_member_that_lies_about_its_data(tmp_path):
     for member, message in (
             (_npy((-1,) + stem.shape[1:], data=raw), r"negative dimension"),
             (_npy(stem.shape, data=raw[:-4]), r"data bytes, its header declares"),
-            (_npy(stem.shape, data=raw + b"\0" * 4), r"data bytes, its header declares"),
+            (_npy(stem.shape, data=raw + b"\0" * 4), r"bytes after the \d+ data bytes"),
             (b"PK\x03\x04 not an array", r"Could not read key .*magic string"),
             (b"\x93NUMPY\x03\x00" + _npy(stem.shape, data=raw)[8:], r"unsupported .npy format version"),
             (b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 70000, r"Could not read key")):  # an oversized header
@@ -153,7 +153,7 @@ def test_npz_with_a_member_twice_is_refused(tmp_path):
     """zipfile reads the last of two same-named members, other zip readers the first: ambiguous, refused."""
     d = tiny_weights()
     path = _npz(tmp_path / "twice.npz", d, [(STEM, _npy(d[STEM].shape, data=np.zeros_like(d[STEM]).tobytes()))])
-    _refused_quickly(lambda: tiny_model(weights=path), rf"holds '{STEM}.npy' more than once")
+    _refused_quickly(lambda: tiny_model(weights=path), rf"holds key '{STEM}' more than once")
 
 
 def test_npz_with_an_unsupported_zip_method_is_a_value_error(tmp_path):
@@ -182,6 +182,38 @@ def test_npz_layouts_numpy_writes_load_the_same_numbers(tmp_path):
             for key, layer in ((STEM, "root_block_conv"), ("resnet/group_norm/gamma", "post_gn")):
                 np.testing.assert_array_equal(model.get_layer(layer).weights[0].numpy(),
                                               converted[key].astype(np.float32))
+
+
+def test_npz_header_length_is_bounded_before_it_is_read(tmp_path):
+    """NumPy reads a header's declared length (up to 4 GB) before checking it: 600 MB of deflated spaces cost
+    1.2 GB. The length field is read first and bounded."""
+    d = tiny_weights()
+    del d[STEM]
+    member = b"\x93NUMPY\x02\x00" + struct.pack("<I", 600_000_000) + b" " * 600_000
+    path = _npz(tmp_path / "header.npz", d, [(STEM, member)])
+    model = tiny_model(classes=10)
+    _refused_quickly(lambda: keras_bit.load_weights(model, path), r".npy header of 600000000 bytes")
+
+
+def test_npz_many_members_and_key_collisions(tmp_path):
+    """The duplicate check counts (a quadratic search took minutes on 200k members); "k" and "k.npy" are one key."""
+    d = tiny_weights()
+    names = [(f"m{i}", b"") for i in range(20_000)] + [("m7", b"")]
+    error, seconds, _ = _bounded(lambda: tiny_model(weights=_npz(tmp_path / "many.npz", {}, names)))
+    assert isinstance(error, ValueError) and "key 'm7' more than once" in str(error) and seconds < 10, (error, seconds)
+    path = str(tmp_path / "collide.npz")
+    _npz(path, d)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(STEM, b"raw bytes under the same key")
+    _refused_quickly(lambda: tiny_model(weights=path), rf"key '{STEM}' more than once")
+
+
+def test_npz_trailing_bytes_are_named(tmp_path):
+    d = tiny_weights()
+    stem = d.pop(STEM)
+    path = _npz(tmp_path / "trailing.npz", d, [(STEM, _npy(stem.shape, data=stem.tobytes() + b"\0"))])
+    model = tiny_model(classes=10)
+    assert_refused(model, lambda: keras_bit.load_weights(model, path), r"bytes after the \d+ data bytes")
 
 
 # --- Paths that are not regular files are refused before they are opened. ---
@@ -333,6 +365,17 @@ def test_h5_that_is_not_hdf5_is_a_value_error(tmp_path):
     _refused_quickly(lambda: tiny_model(weights=str(path)), r"Could not read Keras weights file")
 
 
+def test_h5_chunks_larger_than_their_data_are_refused(h5_file):
+    """A 10-value bias stored in one 2**24-value gzip chunk: HDF5 would inflate the whole chunk to read it."""
+    path, _ = h5_file
+
+    def make(f, key, old):
+        f.create_dataset(key, data=old, maxshape=(None,), chunks=(1 << 24,), compression="gzip")
+
+    _rewrite_h5(path, "layers/dense/vars/1", make)
+    _refused_quickly(lambda: tiny_model(weights=path), r"stored in chunks of 67108864 bytes")
+
+
 # --- .safetensors. ---
 
 
@@ -367,6 +410,13 @@ def test_safetensors_head_of_rank_zero_is_a_value_error(tmp_path):
     tensors["head.fc.bias"] = np.zeros((), np.float32)
     save_file(tensors, str(tmp_path / "m.safetensors"))
     _refused_quickly(lambda: tiny_model(weights=str(tmp_path / "m.safetensors")), r"head bias 'head.fc.bias'")
+
+
+def test_safetensors_header_length_is_bounded(tmp_path):
+    path = tmp_path / "big.safetensors"
+    header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(200_000)})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode())
+    _refused_quickly(lambda: tiny_model(weights=str(path)), r"header declares \d+ bytes \(at most 8388608")
 
 
 # --- Hub configs: bounded, and checked field by field. ---
@@ -450,6 +500,33 @@ def test_transformers_config_with_null_fields_takes_the_defaults(hub):
     hub_repo(hub, "someone/bit", {"config.json": config,
                                   "model.safetensors": reference.to_transformers(tiny_weights(classes=10))})
     assert int(tiny_model(weights="hf://someone/bit").output_shape[-1]) == 10
+
+
+def test_hub_cache_links_leading_outside_the_repository_are_refused(hub, tmp_path):
+    """A copied cache whose snapshot links point at other local files: neither file is read."""
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    save_file(reference.to_transformers(tiny_weights(classes=10)), str(elsewhere))
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"architecture": "sk-SECRET"}))
+    model = tiny_model(classes=10)
+    for name, target in (("model.safetensors", elsewhere), ("config.json", secret)):
+        paths = hub_repo(hub, f"someone/{name[:5]}", {"config.json": bit_config(), "model.safetensors":
+                                                      reference.to_transformers(tiny_weights(classes=10))})
+        os.remove(paths[name])
+        os.symlink(target, paths[name])
+        error = assert_refused(model, lambda: keras_bit.load_weights(model, f"hf://someone/{name[:5]}"),
+                               rf"the cached {name} at .* leads outside the repository's cache folder")
+        assert "SECRET" not in str(error)
+
+
+def test_load_weights_from_the_hub_checks_the_configs_architecture(hub):
+    """GroupNorm's group count is invisible in the tensors: a config stating another is refused, not loaded."""
+    tensors = reference.to_transformers(tiny_weights(classes=10))
+    hub_repo(hub, "someone/groups", {"config.json": bit_config(num_groups=4), "model.safetensors": tensors})
+    model = tiny_model(classes=10)
+    assert_refused(model, lambda: keras_bit.load_weights(model, "hf://someone/groups"), r"groups=4.*groups=8")
+    hub_repo(hub, "someone/fine", {"config.json": bit_config(), "model.safetensors": tensors})
+    keras_bit.load_weights(model, "hf://someone/fine")
 
 
 def test_hub_config_larger_than_the_bound_is_refused(hub, monkeypatch):

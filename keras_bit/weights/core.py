@@ -44,11 +44,17 @@ def reading(path, key=None):
         if str(path) in str(e):  # already a keras_bit message naming the file
             raise
         raise ValueError(f"Could not read {'key ' + repr(key) + ' of ' if key is not None else ''}checkpoint {path} "
-                         f"(truncated or corrupt?): {e}") from e
+                         f"(truncated or corrupt?): {_one_line(e)}") from e
     except Exception as e:  # noqa: BLE001 - the trust boundary: every failure becomes the documented error
         where = f"key {key!r} of " if key is not None else ""
         raise ValueError(f"Could not read {where}checkpoint {path} (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from e
+                         f"{type(e).__name__}: {_one_line(e)}") from e
+
+
+def _one_line(error, limit=300):
+    """A library's message on one line (the CLI prints one line per error), at most `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_dtype(path, key, dtype):

@@ -10,7 +10,7 @@ a `TypeError` or `AttributeError` from deep inside a reader.
 from keras_bit import io
 
 # ImageNet-21k's id2label is ~1 MB; a config is never near this.
-MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_BYTES = 4 << 20
 # The largest input size a config may state (BiT fine-tunes at 480 px, its largest release at 384 / 480).
 MAX_RESOLUTION = 4096
 _MISSING = object()

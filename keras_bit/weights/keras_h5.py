@@ -8,6 +8,7 @@ goes through the same strict checks as every other format; a round-trip test
 against `model.save_weights` guards the rule across Keras versions.
 """
 
+import math
 import re
 
 from keras_bit import io
@@ -37,6 +38,8 @@ def key_map(model, load_head=True):
     return mapping
 
 
+# Chunks up to this size are fine whatever the data size (h5py picks ~1 MB chunks by itself).
+MAX_SMALL_CHUNK_BYTES = 1 << 20
 _LINK_KINDS = {1: "a soft link", 64: "an external link"}  # h5py.h5l.TYPE_SOFT, TYPE_EXTERNAL
 
 
@@ -88,6 +91,11 @@ class Reader:
                 where = "another file (external storage)" if dataset.external else "other files (a virtual dataset)"
                 raise ValueError(f"Keras weights file {self.path}: dataset {name!r} keeps its data in {where}; "
                                  "weights files hold their data.")
+            # HDF5 decompresses whole chunks: a 10-value dataset in one 2**28-value gzip chunk costs 1 GB to read.
+            chunk = math.prod(dataset.chunks) * dataset.dtype.itemsize if dataset.chunks else 0
+            if chunk > max(dataset.nbytes, MAX_SMALL_CHUNK_BYTES):
+                raise ValueError(f"Keras weights file {self.path}: dataset {name!r} of {dataset.nbytes} bytes is "
+                                 f"stored in chunks of {chunk} bytes; a chunk is never larger than its data.")
         return datasets
 
     def __enter__(self):

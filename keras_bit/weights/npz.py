@@ -10,6 +10,7 @@ rule (`checkpoint_scope`) plus three fixed names:
     head                       <->  resnet/head/conv2d   (1x1 conv kernel == Dense kernel)
 """
 
+import collections
 import math
 import os
 import zipfile
@@ -20,6 +21,8 @@ from keras_bit.weights import core
 
 SUFFIX = ".npz"
 HEAD_SCOPE = "resnet/head/conv2d"
+# A float array's .npy header is ~100 bytes; NumPy itself refuses more than 10,000.
+MAX_HEADER_BYTES = 1 << 16
 _FIXED_SCOPES = {"root": "resnet/root_block/standardized_conv2d", "post_gn": "resnet/group_norm", "head": HEAD_SCOPE}
 _LEAF_SCOPES = {"conv": "standardized_conv2d", "gn": "group_norm"}
 
@@ -47,6 +50,17 @@ def key_map(model, load_head=True):
     return mapping
 
 
+class _Prefixed:
+    """A file object whose first bytes are `prefix`, then `f`'s: hands NumPy the length field already read."""
+
+    def __init__(self, prefix, f):
+        self._prefix, self._f = prefix, f
+
+    def read(self, n=-1):
+        head, self._prefix = self._prefix[:n] if n >= 0 else self._prefix, self._prefix[n:] if n >= 0 else b""
+        return head + self._f.read(n - len(head) if n >= 0 else -1)
+
+
 class Reader:
     """Lazy reader of an `.npz` file: keys and headers first, arrays only on `read`; errors name file and key."""
 
@@ -59,11 +73,13 @@ class Reader:
                 raise ValueError(f"Could not read checkpoint {path}: it is {kind}, not an .npz (truncated or corrupt?).")
             self._zip = zipfile.ZipFile(path)
             names = self._zip.namelist()
-        # Two members of one name: zipfile would read the last, another reader the first.
-        repeated = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+        # Two members of one name (or "k" and "k.npy", one key): zipfile would read the last, another reader the
+        # first. Counted, not searched: a file may hold very many members.
+        keys = collections.Counter(n[:-4] if n.endswith(".npy") else n for n in names)
+        repeated = [k for k, count in keys.items() if count > 1]
         if repeated:
             self._zip.close()
-            raise ValueError(f"Checkpoint {path} is not a valid .npz: it holds {repeated[0]!r} more than once.")
+            raise ValueError(f"Checkpoint {path} is not a valid .npz: it holds key {repeated[0]!r} more than once.")
         self._members = {n[:-4] if n.endswith(".npy") else n: n for n in names}
 
     def __enter__(self):
@@ -82,9 +98,14 @@ class Reader:
             version = np.lib.format.read_magic(f)
             if version not in ((1, 0), (2, 0)):  # 3.0 exists only for non-latin-1 field names: never floats
                 raise ValueError(f"unsupported .npy format version {version}")
+            # NumPy reads a header's declared length (up to 4 GB) before it checks it: bound it first.
+            size = f.read(2 if version == (1, 0) else 4)
+            length = int.from_bytes(size, "little")
+            if len(size) not in (2, 4) or length > MAX_HEADER_BYTES:
+                raise ValueError(f".npy header of {length} bytes (at most {MAX_HEADER_BYTES} are expected)")
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
-            header = read_header(f)
+            header = read_header(_Prefixed(size, f))
             if any(dim < 0 for dim in header[0]):
                 raise ValueError(f"negative dimension in shape {header[0]}")
             return f, header
@@ -108,8 +129,10 @@ class Reader:
                     raise ValueError("an object array (pickled data is never loaded)")
                 count = math.prod(shape)
                 data = f.read(count * dtype.itemsize)  # the zip layer checks the CRC once the member is read
-                if len(data) != count * dtype.itemsize or f.read(1):
+                if len(data) != count * dtype.itemsize:
                     raise ValueError(f"{len(data)} data bytes, its header declares {count * dtype.itemsize}")
+                if f.read(1):
+                    raise ValueError(f"bytes after the {count * dtype.itemsize} data bytes its header declares")
         array = np.frombuffer(data, dtype=dtype, count=count)
         return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 

@@ -12,7 +12,7 @@ import os
 import re
 
 from keras_bit import io, presets
-from keras_bit.weights import download, hf, hub_config, keras_h5, npz, safetensors_io, timm
+from keras_bit.weights import core, download, hf, hub_config, keras_h5, npz, safetensors_io, timm
 
 CACHE_SUBDIR = "bit_models"
 HUB_SCHEME = "hf://"
@@ -148,7 +148,7 @@ def _hub_download(repo, revision, filename):
     from huggingface_hub import errors
 
     try:
-        return huggingface_hub.hf_hub_download(repo, filename, revision=revision)
+        path = huggingface_hub.hf_hub_download(repo, filename, revision=revision)
     except errors.LocalEntryNotFoundError as e:  # first: since huggingface_hub 1.0 it is an EntryNotFoundError too
         raise download.DownloadError(
             f"Could not get {filename} of hf://{repo} ({e}). Without network access, fill the Hugging Face "
@@ -161,17 +161,47 @@ def _hub_download(repo, revision, filename):
                          f"under another revision, 'hf://{repo}@<revision>').") from e
     except OSError as e:
         raise download.DownloadError(f"Could not get {filename} of hf://{repo}: {e}") from e
+    # <cache>/models--owner--name/snapshots/<commit>/<file>, a link to ../../blobs/<digest>. A cache copied from
+    # elsewhere could link anywhere: only the repository's own folder is read.
+    folder = os.path.realpath(os.path.dirname(os.path.dirname(os.path.dirname(path))))
+    real = os.path.realpath(path)
+    if os.path.commonpath([folder, real]) != folder:
+        raise ValueError(f"hf://{repo}: the cached {filename} at {path} leads outside the repository's cache folder "
+                         f"{folder} (to {real}); delete it to download it again.")
+    return path
 
 
 def check_architecture(source, architecture):
-    """Raises `ValueError` unless the architecture a Hub config states is `architecture`."""
-    if source.architecture is not None and tuple(source.architecture) != tuple(architecture):
+    """Raises `ValueError` unless the architecture a Hub config states is `architecture`.
+
+    Widths compare as `base_width * width_factor` (what the convolutions see).
+    """
+    def shape(spec):
+        units, width, base, groups = spec
+        return tuple(units), width * base, groups
+
+    if source.architecture is not None and shape(source.architecture) != shape(architecture):
         units, width, base, groups = source.architecture
         raise ValueError(
             f"{source.spec} holds a BiT with block_units={units}, width_factor={width}, base_width={base}, "
             f"groups={groups}; the model asks for block_units={architecture[0]}, width_factor={architecture[1]}, "
             f"base_width={architecture[2]}, groups={architecture[3]}."
         )
+
+
+def model_architecture(model):
+    """`(block_units, width_factor, base_width, groups)` of a keras_bit model, from its layers.
+
+    Only `base_width * width_factor` (the root's filters) is visible in a model, so it is reported as width 1.
+    """
+    units, groups = [0, 0, 0, 0], None
+    for layer_id, layer, _ in core.model_variables(model):
+        if layer_id.kind == "unit":
+            units[layer_id.block - 1] = max(units[layer_id.block - 1], layer_id.unit)
+        if layer_id.kind == "post_gn":
+            groups = layer.groups
+    root = model.get_layer("root_block_conv").filters
+    return tuple(units), 1, root, groups
 
 
 def _fetch_hub(source, architecture=None):
@@ -268,7 +298,7 @@ def load_weights(model, weights, load_head=True, fmt=None):
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"`fmt` must be None or one of {sorted(FORMATS)}. Received: fmt={fmt!r}")
     if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
-        source = _fetch_hub(resolve(weights))
+        source = _fetch_hub(resolve(weights), model_architecture(model))
     elif isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
         path = os.fsdecode(os.fspath(weights))
         if fmt is None or not os.path.isfile(path):
