@@ -184,6 +184,9 @@ def _add_finetune_parser(sub):
     p.add_argument("--data-dir", default=None, help="tfds data_dir")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out undecodable images (listed in skipped_images.txt) instead of stopping")
+    p.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="largest image of an image folder, height x width; larger ones are refused (or skipped "
+                        "with --skip-bad-images) (default: 40000000)")
     p.add_argument("--mixed-precision", default=None, choices=("float32", "mixed_float16", "mixed_bfloat16"),
                    help="Keras dtype policy (default: float32)")
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (gradient accumulation)")
@@ -194,6 +197,10 @@ def _add_finetune_parser(sub):
     p.add_argument("--tpu", default=None,
                    help='train on a Cloud TPU (TPUStrategy): "local" on a TPU VM, else its name or grpc:// address')
     p.add_argument("--quiet", action="store_true", help="print only the result and warnings")
+
+
+_ACTIVATION_HELP = ("how outputs become probabilities: auto reads the last layer (a linear head gets a softmax); "
+                    "softmax: the outputs are logits; none: they are probabilities already")
 
 
 def _add_other_parsers(sub):
@@ -216,6 +223,7 @@ def _add_other_parsers(sub):
                    help="TF Serving version folder (default: the next free one)")
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
     p.add_argument("--top", type=_positive_int, default=5, help="top-k classes the export returns")
+    p.add_argument("--activation", default="auto", choices=("auto", "softmax", "none"), help=_ACTIVATION_HELP)
     p.add_argument("--quantization", default=None, choices=("float16", "int8", "bfloat16"),
                    help="litert: float16 weights, or full-integer int8 (needs --representative-data); "
                         "tf_saved_model: bfloat16 weights and compute")
@@ -234,6 +242,8 @@ def _add_other_parsers(sub):
     p.add_argument("--model", required=True,
                    help="SavedModel folder, .tflite / .onnx / .xml export, .keras file or BiT model name")
     p.add_argument("--top", type=_positive_int, default=5, help="how many classes to show")
+    p.add_argument("--activation", default="auto", choices=("auto", "softmax", "none"),
+                   help="a .keras model or BiT name: " + _ACTIVATION_HELP)
     p.add_argument("--max-pixels", type=_positive_int, default=None,
                    help="largest image decoded, height x width; larger files are reported, not decoded "
                         "(default: 40000000)")
@@ -258,7 +268,8 @@ def _finetune(args):
         resolution=args.resolution, output_dir=args.output_dir, examples_per_class=args.examples_per_class,
         examples_per_class_seed=args.examples_per_class_seed, seed=args.seed, base_lr=args.base_lr,
         mixup=args.mixup, split=args.split, eval_split=args.eval_split, eval_fraction=args.eval_fraction,
-        data_dir=args.data_dir, skip_bad_images=args.skip_bad_images, mixed_precision=args.mixed_precision,
+        data_dir=args.data_dir, skip_bad_images=args.skip_bad_images, max_pixels=args.max_pixels,
+        mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum, jit_compile=args.xla, deterministic=not args.nondeterministic,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, trainable=args.trainable,
         export_dir=args.export_dir, strategy=strategy, verbose=0 if args.quiet else 1,
@@ -293,11 +304,13 @@ def _export(args):
     if args.format == "tf_saved_model" and args.output is None:
         path = export_saved_model(model, args.export_dir or DEFAULT_EXPORT_DIR, name=args.name, version=args.version,
                                   class_names=names, top_k=args.top, max_pixels=max_pixels,
-                                  jpeg_dct_scaling=args.jpeg_dct_scaling, quantization=args.quantization)
+                                  jpeg_dct_scaling=args.jpeg_dct_scaling, quantization=args.quantization,
+                                  activation=args.activation)
     else:
         output = args.output or check_plain_name(args.name or model.name, "--name") + EXTENSIONS[args.format]
         path = export_model(model, output, args.format, class_names=names, quantization=args.quantization,
                             representative_data=representative, top_k=args.top, overwrite=args.overwrite,
+                            activation=args.activation,
                             max_pixels=max_pixels, jpeg_dct_scaling=args.jpeg_dct_scaling)
     print(path)
 
@@ -353,7 +366,8 @@ def _representative_images(args, size, max_pixels):
 def _predict(args):
     from keras_bit.predict import predict_files
 
-    results = predict_files(args.images, args.model, top=args.top, max_pixels=args.max_pixels)
+    results = predict_files(args.images, args.model, top=args.top, max_pixels=args.max_pixels,
+                            activation=args.activation)
     failed = [item for item in results if "error" in item]
     for item in failed:
         print(f"keras-bit predict: error: {item['image']}: {item['error']}", file=sys.stderr)

@@ -16,29 +16,52 @@ PIXEL_BUDGET = 16_000_000
 
 
 def load_model(spec):
-    """A Keras model from a `.keras` file, or a named BiT model (`keras_bit.BiT(spec)`)."""
+    """A Keras model from a `.keras` file, or a named BiT model (`keras_bit.BiT(spec)`).
+
+    A `.keras` file that is missing raises FileNotFoundError; one that is not
+    a regular file, not a complete zip archive (truncated: a `.keras` file is
+    a zip whose index is at its end) or that Keras cannot read raises
+    ValueError naming the file.
+    """
+    import zipfile
+
     import keras
 
     import keras_bit  # registers the layers that .keras files refer to
+    from keras_bit.io import check_regular_file
 
-    if spec.endswith(".keras"):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"Model file not found: {spec}")
+    if not spec.endswith(".keras"):
+        return keras_bit.BiT(spec)
+    if not os.path.lexists(spec):
+        raise FileNotFoundError(f"Model file not found: {spec}")
+    check_regular_file(spec, "model file")
+    if not zipfile.is_zipfile(spec):
+        raise ValueError(f"model file {spec} is truncated or corrupt: a .keras file is a zip archive and this one "
+                         f"({os.path.getsize(spec)} bytes) has no complete zip index")
+    try:
         return keras.saving.load_model(spec)
-    return keras_bit.BiT(spec)
+    except Exception as e:  # zipfile, h5py and JSON errors for a damaged member; Keras' own refusals
+        message = " ".join(str(e).split())[:400] or type(e).__name__
+        if isinstance(e, ValueError) and spec in message:
+            raise
+        raise ValueError(f"Cannot load model file {spec}: {message}") from e
 
 
-def load_classifier(spec):
+def load_classifier(spec, activation="auto"):
     """`(classify, class_names)`: `classify(uint8 [n, h, w, 3]) -> {"probabilities", ...}` for `spec`.
 
     `spec` is an export (SavedModel folder, `.tflite`, `.onnx`, `.xml`), a
     `.keras` file (class names from a `class_names.txt` beside it) or a BiT
-    model name such as "BiT-M-R50x1".
+    model name such as "BiT-M-R50x1". `activation`: see
+    `keras_bit.export.serving.needs_softmax` (not for exports: theirs is fixed).
     """
     from keras_bit.export import runtimes, serving
     from keras_bit.train.run_record import CLASS_NAMES_FILE
 
     if runtimes.format_of(spec):
+        if activation != "auto":
+            raise ValueError(f"activation={activation!r} (--activation) is for a .keras model or a BiT name: the "
+                             f"export {spec} applies the activation it was exported with")
         exported = runtimes.load_exported(spec)
         return exported, exported.class_names
     if os.path.isdir(spec):
@@ -48,7 +71,7 @@ def load_classifier(spec):
         raise FileNotFoundError(f"Model not found: {spec} (expected a SavedModel folder, a .keras, .tflite, "
                                 ".onnx or .xml file, or a BiT model name)")
     model = load_model(spec)
-    served = serving.serving_model(model)
+    served = serving.serving_model(model, activation=activation)
     beside = os.path.join(os.path.dirname(os.path.abspath(spec)), CLASS_NAMES_FILE)
     if spec.endswith(".keras") and os.path.isfile(beside):  # a fine-tuning run's output folder
         names = serving.read_labels(beside)
@@ -140,7 +163,7 @@ def _top(row, top, names):
             for i in best]
 
 
-def predict_files(paths, model, top=5, max_pixels=None):
+def predict_files(paths, model, top=5, max_pixels=None, activation="auto"):
     """Top-`top` classes of each image file; a file that cannot be read gets an `error` instead.
 
     Args:
@@ -151,6 +174,8 @@ def predict_files(paths, model, top=5, max_pixels=None):
         top: how many classes to report.
         max_pixels: largest image decoded (default 40 million pixels,
             `keras_bit.export.DEFAULT_MAX_PIXELS`).
+        activation: for a `.keras` model or a name: "auto", "softmax"
+            (logits) or "none" (see `keras_bit.export.serving.needs_softmax`).
 
     Returns:
         A list, in input order, of `{"image": path, "top": [{"index", "score",
@@ -164,7 +189,7 @@ def predict_files(paths, model, top=5, max_pixels=None):
     check_positive_int(top, "top")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     check_positive_int(max_pixels, "max_pixels")
-    classify, names = load_classifier(model)
+    classify, names = load_classifier(model, activation)
     files = expand_paths(paths)
     results = [{"image": path} for path in files]
     pending, held = {}, 0

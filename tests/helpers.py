@@ -256,3 +256,70 @@ def encode(image, fmt, **options):
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+# --- The installed `keras-bit` command, as a shell runs it. ---
+
+
+def installed_command(*argv, cwd=None, timeout=300, env=None):
+    """Runs this interpreter's `keras-bit` console script with `argv`; returns the CompletedProcess (text).
+
+    `env`: variables set on top of this process's environment. Skips the test when the script is not installed.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    beside = os.path.join(os.path.dirname(sys.executable), "keras-bit")  # this interpreter's, not another's
+    command = beside if os.path.exists(beside) else shutil.which("keras-bit")
+    if command is None:
+        pytest.skip("the keras-bit console script is not installed")
+    return subprocess.run([command, *map(str, argv)], capture_output=True, text=True, errors="replace", cwd=cwd,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_cli_error(proc, command, *fragments):
+    """`proc` (see `installed_command`) ended with exit status 2 and one stderr line naming each fragment."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert lines[0].startswith(f"keras-bit {command}: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# --- Run folders held by another process (keras_bit.train.run_lock). ---
+
+_HOLDER = (
+    "import sys\n"
+    "from keras_bit.train.run_lock import hold\n"
+    "with hold(sys.argv[1]):\n"
+    "    print('held', flush=True)\n"
+    "    sys.stdin.readline()\n"  # until told to end
+)
+
+
+class HeldElsewhere:
+    """`with HeldElsewhere(run_dir) as proc:` a separate process holds `run_dir`'s lock until the block ends.
+
+    `proc.pid` is the holder's pid; `kill()` ends it with SIGKILL (the OS then drops the lock, the file stays).
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+
+    def __enter__(self):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(self.run_dir)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+        return self.proc
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.communicate("\n", timeout=60)
+        return False

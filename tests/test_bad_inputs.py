@@ -10,7 +10,10 @@ Cases tested elsewhere, by the module that owns them:
 - serving and deployment (corrupt bytes, decompression bombs, wrong dtype/rank, empty batch, bad names and
   versions, overwriting): test_export_saved_model.py, test_export_image_decode.py, test_export_formats.py;
 - `keras-bit predict` / `export` (bad files among good ones, folders, missing models): test_predict.py;
-- fine-tuning (missing output-dir parent, resuming with other settings): test_finetune.py.
+- fine-tuning (missing output-dir parent, resuming with other settings, one run per output_dir, the export
+  written once, NumPy integers): test_train_finetune.py; the run folder's lock, temporary names and run.json:
+  test_train_run_record.py; images over max_pixels, FIFOs, NaN pixels, outputs inside the data:
+  test_train_data.py. Here: the same through the installed `keras-bit finetune`, one line and exit status 2.
 """
 
 import functools
@@ -24,7 +27,7 @@ import tensorflow as tf
 import keras_bit
 from helpers import TINY, images, tiny_checkpoint, tiny_model
 from keras_bit.layers import StandardizedConv2D
-from helpers import TINY_BUILDER, Crash, learnable, run_finetune
+from helpers import TINY_BUILDER, Crash, HeldElsewhere, assert_cli_error, installed_command, learnable, run_finetune
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs Linux /proc")
@@ -106,3 +109,59 @@ def test_mixed_float16_long_run_keeps_loss_scaling_and_finite_values(tmp_path):
         names = []
         f.visit(names.append)
     assert "optimizer/inner_optimizer/vars" in names, [n for n in names if n.startswith("optimizer")][:5]
+
+
+# --- `keras-bit finetune` through the installed command: one line, exit 2 (issue 22, run folders). ---
+
+
+def _png_folder(root, n=4, size=(20, 30)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_cli_refuses_an_output_dir_held_by_another_run(tmp_path):
+    out = tmp_path / "run"
+    with HeldElsewhere(out) as holder:
+        proc = installed_command("finetune", "--output-dir", out, "--steps", "5", cwd=tmp_path)
+    assert_cli_error(proc, "finetune", f"`output_dir` {out} is in use by another fine-tuning run (pid {holder.pid} on "
+                                       "host", "Wait for that run to end, or choose another output directory.")
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--seed", str(2**64 + 1), f"`seed` must be a non-negative integer below 2**32 (NumPy's seed range). "
+                               f"Received: seed={2**64 + 1}"),
+    ("--examples-per-class-seed", str(2**32), "`examples_per_class_seed` must be a non-negative integer below 2**32"),
+])
+def test_cli_refuses_a_seed_numpy_cannot_take(tmp_path, flag, value, fragment):
+    argv = ["finetune", flag, value, "--steps", "5", "--output-dir", tmp_path / "run"]
+    if flag == "--examples-per-class-seed":
+        argv += ["--examples-per-class", "1"]
+    assert_cli_error(installed_command(*argv, cwd=tmp_path), "finetune", fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_max_pixels_and_an_output_dir_inside_the_data(tmp_path):
+    root = _png_folder(tmp_path / "pets")
+    proc = installed_command("finetune", "--data", root, "--max-pixels", "599", "--steps", "5", "--output-dir",
+                             tmp_path / "run", cwd=tmp_path)
+    assert_cli_error(proc, "finetune", "8 of 8 images under", "within max_pixels=599", f"{root}/cat/0.png (30x20 "
+                     "image is over max_pixels=599)", "--skip-bad-images")
+    proc = installed_command("finetune", "--data", root, "--steps", "5", "--output-dir", root / "run", cwd=tmp_path)
+    assert_cli_error(proc, "finetune", f"`output_dir` {root / 'run'} is inside the image folder {root}")
+    assert sorted(p.name for p in root.iterdir()) == ["cat", "dog"]
+
+
+def test_cli_run_json_that_is_not_an_object(tmp_path):
+    out = tmp_path / "run"
+    (out / "backup").mkdir(parents=True)
+    (out / "backup" / "step-000000002.weights.h5").write_bytes(b"\x89HDF")
+    (out / "run.json").write_text('["not", "settings"]')
+    proc = installed_command("finetune", "--data", _png_folder(tmp_path / "pets"), "--steps", "5", "--output-dir",
+                             out, "--resolution", "32", cwd=tmp_path)
+    assert_cli_error(proc, "finetune", f"run settings file {out / 'run.json'} must hold a JSON object, not a list")

@@ -144,7 +144,8 @@ def test_fold_to_bfloat16_stores_bfloat16_weights_and_keeps_a_float32_head(model
     low = keras.Model(folded.input, folded.get_layer("post_relu").output).predict(x, verbose=0)
     error = np.abs(np.asarray(low, np.float32) - features).max() / np.abs(features).max()
     assert 1e-4 < error < 0.05  # bfloat16 rounding: visible (the check can fail), small
-    with pytest.raises(ValueError, match=r"`dtype` must be None or 'bfloat16'. Received: dtype='float16'"):
+    with pytest.raises(ValueError, match=r"`dtype` must be one of \(None, 'bfloat16', 'float32'\). Received: "
+                                         r"dtype='float16'"):
         fold_standardization(model, dtype="float16")
 
 
@@ -224,8 +225,11 @@ def test_a_model_without_a_fixed_input_size_needs_image_size(tmp_path):
     free = tiny_model(include_top=False, pooling="avg", input_shape=None)
     with pytest.raises(ValueError, match=r"input size is not fixed .*pass `image_size=\(height, width\)`"):
         export_saved_model(free, tmp_path, class_names=[str(i) for i in range(1024)], activation="none")
-    with pytest.raises(ValueError, match="Cannot tell whether .* outputs logits or probabilities"):
+    with pytest.raises(ValueError, match=r"outputs pooled features, not classes .*include_top=False"):
         export_saved_model(free, tmp_path, image_size=(32, 32))
+    unknown = keras.Model(free.input, keras.layers.Identity()(free.output))
+    with pytest.raises(ValueError, match=r"Cannot tell whether .* outputs logits or probabilities.*--activation"):
+        export_saved_model(unknown, tmp_path, image_size=(32, 32))
 
 
 @pytest.mark.parametrize("images, message", [

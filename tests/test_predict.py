@@ -175,3 +175,86 @@ def test_help_shows_the_library_defaults(capsys):
         assert f"(default: {DEFAULT_MAX_PIXELS})" in texts[command], command
     assert "artifact format (default: tf_saved_model)" in texts["export"]
     assert "./<name>.<ext> otherwise --export-dir" in texts["export"]  # no second "(default: None)" after it
+
+
+# --- Hostile and careless inputs (issue 22): one line naming the file, exit 2, through the installed command. ---
+
+
+@pytest.fixture(scope="module")
+def odd_models(run_dir, tmp_path_factory):
+    """.keras files that are not what `predict` / `export` need, a corrupt export, labels files, an image."""
+    import keras
+
+    from helpers import tiny_model
+
+    folder = tmp_path_factory.mktemp("odd")
+    classifier = keras.saving.load_model(run_dir / "model.keras")
+    tiny_model(include_top=False, pooling="avg").save(folder / "features.keras")
+    keras.Model(classifier.input, [classifier.output, classifier.output]).save(folder / "two_outputs.keras")
+    keras.Model(classifier.input, keras.layers.Identity()(classifier.output)).save(folder / "identity.keras")
+    data = (run_dir / "model.keras").read_bytes()
+    (folder / "truncated.keras").write_bytes(data[:len(data) // 2])
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # inside the weights member: the zip index is intact, a CRC is not
+    (folder / "crc.keras").write_bytes(bytes(flipped))
+    (folder / "corrupt.onnx").write_bytes(b"\x08\x07garbage")
+    (folder / "blank.txt").write_text("class_0\n\nclass_1\nclass_2\nclass_3\nclass_4\n")
+    (folder / "binary.txt").write_bytes(b"class_0\nclass_1\n\xff\xd8\xff\xe0\x00\x10JFIF\n")
+    os.mkfifo(folder / "names.fifo")
+    os.mkfifo(folder / "pipe.keras")
+    (folder / "a.png").write_bytes(encode(np.zeros((20, 30, 3), np.uint8), "PNG"))
+    return folder
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["export", "{run}/model.keras", "--class-names", "{odd}/blank.txt"],
+     ["class names file {odd}/blank.txt, line 2: blank"]),
+    (["export", "{run}/model.keras", "--class-names", "{odd}/binary.txt"],
+     ["class names file {odd}/binary.txt, line 3: not UTF-8 text"]),
+    (["export", "{run}/model.keras", "--class-names", "{odd}/names.fifo"],
+     ["class names file {odd}/names.fifo is a FIFO, not a regular file"]),
+    (["predict", "{odd}/a.png", "--model", "{odd}/truncated.keras"],
+     ["model file {odd}/truncated.keras is truncated or corrupt"]),
+    (["export", "{odd}/features.keras", "--format", "onnx", "--output", "{tmp}/f.onnx"],
+     ["outputs pooled features, not classes", "include_top=False", "keras-bit finetune"]),
+    (["predict", "{odd}/a.png", "--model", "{odd}/two_outputs.keras"],
+     ["has 1 inputs and 2 outputs", "keras.Model(model.inputs[0], model.outputs[i])"]),
+    (["predict", "{odd}/a.png", "--model", "{odd}/identity.keras"],
+     ["last layer (Identity) has no `activation`", "--activation softmax / none"]),
+    (["predict", "{odd}/a.png", "--model", "{odd}/corrupt.onnx"],
+     ["Cannot load {odd}/corrupt.onnx as a onnx export: "]),
+], ids=["blank-labels-line", "binary-labels", "labels-fifo", "truncated-keras", "include-top-false", "two-outputs",
+        "no-activation", "corrupt-onnx"])
+def test_installed_command_names_the_bad_file_in_one_line(run_dir, odd_models, tmp_path, argv, fragments):
+    from helpers import assert_cli_error, installed_command
+
+    def fill(text):
+        return text.format(run=run_dir, odd=odd_models, tmp=tmp_path)
+
+    # The portable ops: nothing to build or log before the error.
+    proc = installed_command(*map(fill, argv), cwd=tmp_path, timeout=300, env={"KERAS_BIT_FUSED_KERNELS": "0"})
+    assert_cli_error(proc, argv[0], *map(fill, fragments))
+    assert os.listdir(tmp_path) == []
+
+
+def test_activation_flag_makes_the_advice_true(run_dir, odd_models, capsys):
+    image = odd_models / "a.png"
+    assert main(["predict", str(image), "--model", str(odd_models / "identity.keras"), "--activation", "none",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    expected = _expected(run_dir, {"a": np.zeros((20, 30, 3), np.uint8)})["a"]
+    assert np.ptp(expected) > 1e-3
+    np.testing.assert_allclose([e["score"] for e in row["top"]], np.sort(expected)[::-1], atol=1e-5)
+    assert main(["predict", str(image), "--model", str(odd_models / "corrupt.onnx"), "--activation", "softmax"]) == 2
+    assert "activation='softmax' (--activation) is for a .keras model or a BiT name" in capsys.readouterr().err
+
+
+def test_a_damaged_keras_file_is_named(odd_models):
+    from keras_bit.predict import load_model
+
+    with pytest.raises(ValueError, match=r"Cannot load model file .*crc\.keras: Bad CRC-32 for file 'model\.weights"):
+        load_model(str(odd_models / "crc.keras"))
+    with pytest.raises(ValueError, match=r"model file .*pipe\.keras is a FIFO, not a regular file"):
+        load_model(str(odd_models / "pipe.keras"))
+    with pytest.raises(FileNotFoundError, match="Model file not found"):
+        load_model(str(odd_models / "missing.keras"))

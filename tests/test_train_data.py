@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from keras_bit.train import data, pipeline
+from keras_bit.train import data, image_check, pipeline
 
 
 def _arrays(n_per_class=6, classes=3, size=12, seed=0):
@@ -167,7 +167,8 @@ def test_folder_errors(tmp_path):
         data.from_folder(root)
     root = _image_folder(tmp_path / "broken")
     (root / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
-    with pytest.raises(ValueError, match=r"1 of 11 images under .* cannot be decoded by TensorFlow: .*bad.jpg"):
+    with pytest.raises(ValueError, match=r"1 of 11 images under .* cannot be decoded by TensorFlow within "
+                                         r"max_pixels=40000000: .*bad.jpg \(not a readable JPEG"):
         data.from_folder(root)
     with pytest.raises(ValueError, match="Image folder not found"):
         data.from_folder(tmp_path / "nope" / "x")
@@ -187,7 +188,8 @@ def test_truncated_jpeg_is_caught_before_training(tmp_path):
 
     with PILImage.open(root / "dog" / "cut.jpg") as im:
         im.verify()  # the old header-only check passed this file
-    with pytest.raises(ValueError, match=r"cannot be decoded by TensorFlow: .*dog/cut.jpg.*--skip-bad-images"):
+    with pytest.raises(ValueError, match=r"cannot be decoded by TensorFlow within max_pixels=\d+: .*dog/cut.jpg "
+                                         r"\(corrupt.*--skip-bad-images"):
         data.load(str(root))
     ds = data.load(str(root), skip_bad_images=True)
     assert ds.skipped == [str(root / "dog" / "cut.jpg")]
@@ -201,8 +203,8 @@ def test_every_decodable_format_loads_and_sizes_are_decoded(tmp_path):
     for c, fmt in (("a", "webp"), ("a", "bmp"), ("b", "gif"), ("b", "png"), ("a", "jpeg"), ("b", "jpg")):
         os.makedirs(root / c, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=(24, 28, 3), dtype=np.uint8)).save(root / c / f"x.{fmt}")
-    sizes, bad = data.decode_check(np.array(sorted(str(p) for p in root.rglob("x.*"))))
-    assert bad == [] and sizes.tolist() == [[24, 28]] * 6
+    sizes, bad = image_check.check_images(np.array(sorted(str(p) for p in root.rglob("x.*"))))
+    assert bad == {} and sizes.tolist() == [[24, 28]] * 6
     ds = data.load(str(root))
     assert ds.image_size == (24, 28) and len(ds.train) + len(ds.eval) == 6
 
@@ -264,3 +266,107 @@ def test_array_errors():
         data.from_arrays(images, np.where(labels == 0, -1, labels), num_classes=3)
     with pytest.raises(ValueError, match=r"look like \[0, 1\] floats"):
         data.from_arrays(images / 255.0, labels)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_refused_naming_the_argument(value):
+    images, labels = _arrays()
+    bad = images.astype("float32")
+    bad[3, 1, 2, 0] = value  # np.round(nan).astype(uint8) would make it a silent 0
+    with pytest.raises(ValueError, match=r"`images` must hold finite pixels .* \(the first at index \(3, 1, 2, 0\)\)"):
+        data.from_arrays(bad, labels)
+    with pytest.raises(ValueError, match=r"`eval_data` images must hold finite pixels"):
+        data.from_arrays(images, labels, eval_data=(bad.astype("float64"), labels))
+    data.from_arrays(images.astype("float16"), labels)  # finite floats in [0, 255] stay accepted
+
+
+def _big_png(path, width, height):
+    """A valid all-black RGB PNG of width x height in a few MB (one deflate block repeated, never all in memory)."""
+    import struct
+    import zlib
+
+    row = b"\0" * (1 + 3 * width)  # filter type 0, then the pixels
+    rows_per_block = max(1, (1 << 20) // len(row))
+    blocks, rest = divmod(height, rows_per_block)
+    adler = 1
+    for n in [rows_per_block] * blocks + [rest]:
+        adler = zlib.adler32(row * n, adler)
+
+    def block(n):  # a full flush ends each block byte-aligned and without references back: repeatable
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return c.compress(row * n) + c.flush(zlib.Z_FULL_FLUSH)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    stream = b"\x78\xda" + block(rows_per_block) * blocks + (block(rest) if rest else b"") + b"\x03\x00"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", stream + struct.pack(">I", adler)) + chunk(b"IEND", b""))
+
+
+def _peak_rss_reset():
+    """Resets this process's peak RSS (Linux); returns a function giving the growth of the peak since, in MB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+
+    def peak_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+    start = peak_mb()
+    return lambda: peak_mb() - start
+
+
+def test_big_png_helper_writes_a_valid_image(tmp_path):
+    _big_png(tmp_path / "x.png", 37, 1000)
+    pixels = np.asarray(Image.open(tmp_path / "x.png"))
+    assert pixels.shape == (1000, 37, 3) and not pixels.any()
+
+
+def test_an_image_over_max_pixels_is_refused_before_it_is_decoded(tmp_path):
+    root = _image_folder(tmp_path / "pets")
+    _big_png(root / "cat" / "huge.png", 20000, 20000)  # 1.2 MB on disk, 1.2 GB decoded
+    growth = _peak_rss_reset()
+    with pytest.raises(ValueError, match=r"1 of 11 images under .* cannot be decoded by TensorFlow within "
+                                         r"max_pixels=40000000: .*cat/huge.png \(20000x20000 image is over "
+                                         r"max_pixels=40000000\)\. .*--max-pixels.*--skip-bad-images"):
+        data.load(str(root))
+    ds = data.load(str(root), skip_bad_images=True)
+    if growth is not None:
+        assert growth() < 400, f"peak RSS grew by {growth():.0f} MB"  # a decode would take 1200 MB
+    assert ds.skipped == [str(root / "cat" / "huge.png")] and len(ds.train) + len(ds.eval) == 10
+
+
+def test_max_pixels_is_the_exact_bound(tmp_path):
+    root = _image_folder(tmp_path / "pets", size=(20, 30))  # 600 pixels each
+    assert len(data.load(str(root), max_pixels=600).train) == 8
+    with pytest.raises(ValueError, match=r"10 of 10 images under .* within max_pixels=599: .*30x20 image is over"):
+        data.load(str(root), max_pixels=599)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_fifos_and_devices_in_an_image_folder_are_refused_without_reading(tmp_path):
+    root = _image_folder(tmp_path / "pets")
+    os.mkfifo(root / "cat" / "pipe.png")  # tf.io.read_file would wait for a writer forever
+    os.symlink("/dev/zero", root / "dog" / "zero.jpg")
+    with pytest.raises(ValueError, match=r"2 of 12 images .*cat/pipe.png \(not a regular file\), .*dog/zero.jpg "
+                                         r"\(not a regular file\)"):
+        data.load(str(root))
+    assert len(data.load(str(root), skip_bad_images=True).skipped) == 2
+
+
+def test_outputs_inside_an_image_folder_are_refused(tmp_path):
+    root = _image_folder(tmp_path / "pets")
+    os.symlink(root / "cat", tmp_path / "alias")
+    for name, path in (("output_dir", root / "runs" / "r1"), ("output_dir", root), ("export_dir", root / "dog"),
+                       ("output_dir", tmp_path / "alias" / "run")):  # a link into the folder is inside too
+        with pytest.raises(ValueError, match=rf"`{name}` {path} is inside the image folder {root}: "):
+            data.check_outside(str(root), **{name: path})
+    data.check_outside(str(root), output_dir=tmp_path / "pets_run", export_dir=None)  # a sibling is fine
+    data.check_outside(str(root / "cat"), output_dir=root / "dog")
+    for other in ("cifar10", "sklearn:digits", _arrays()):  # no folder: nothing to refuse
+        data.check_outside(other, output_dir=root)
+    assert data.folder_source(str(root)) == str(root) and data.folder_source("cifar10") is None

@@ -4,16 +4,18 @@ evaluation while training, partial fine-tuning, precision, accumulation, a two-r
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import keras
 import numpy as np
 import pytest
 
 import keras_bit
-from helpers import TINY_BUILDER, Crash, learnable, run_finetune
+from helpers import TINY_BUILDER, Crash, HeldElsewhere, learnable, run_finetune
 from keras_bit.train import plan
 
 
@@ -257,3 +259,106 @@ def test_resume_under_another_environment_is_logged(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="keras_bit"):
         assert run_finetune(tmp_path, "r", steps=6, checkpoint_every=2).steps == 6
     assert "Resuming under another environment" in caplog.text and "not be bit-identical" in caplog.text
+
+
+# --- One run per output_dir; the export written once; NumPy integers as Python ones (issue 22). ---
+
+
+def test_a_second_run_is_refused_while_the_first_trains_before_any_data_is_read(tmp_path):
+    from keras_bit.train.run_lock import RunFolderBusyError
+
+    training, proceed = threading.Event(), threading.Event()
+
+    class Pause(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if not training.is_set():
+                training.set()
+                proceed.wait(300)
+
+    outcome = {}
+    first = threading.Thread(target=lambda: outcome.update(result=run_finetune(tmp_path, steps=6, callbacks=[Pause()])))
+    first.start()
+    try:
+        assert training.wait(300), "the first run never trained"
+        # A folder that does not exist as data: reading the data first would say "Image folder not found".
+        with pytest.raises(RunFolderBusyError, match=rf"is in use by another fine-tuning run \(pid {os.getpid()} "
+                                                     r"\(this process\)"):
+            run_finetune(tmp_path, steps=6, data=str(tmp_path / "no" / "such" / "folder"))
+    finally:
+        proceed.set()
+        first.join(600)
+    assert outcome["result"].steps == 6  # the first run was not disturbed
+    assert not (tmp_path / "run" / "run.lock").exists()  # and released the folder
+
+
+def test_a_run_held_by_another_process_is_refused_and_a_killed_holder_blocks_nothing(tmp_path):
+    with HeldElsewhere(tmp_path / "run") as holder:
+        with pytest.raises(ValueError, match=rf"`output_dir` {tmp_path / 'run'} is in use by another fine-tuning run "
+                                             rf"\(pid {holder.pid} on host"):
+            run_finetune(tmp_path, steps=5)
+        os.kill(holder.pid, signal.SIGKILL)  # the lock file stays behind, the OS lock does not
+        holder.wait(60)
+    assert (tmp_path / "run" / "run.lock").exists()
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(tmp_path, steps=6, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
+    assert not (tmp_path / "run" / "run.lock").exists()  # released on the way out of a crash
+    assert run_finetune(tmp_path, steps=6, checkpoint_every=2).steps == 6
+
+
+def test_output_dir_inside_the_image_folder_is_refused_before_anything_is_written(tmp_path):
+    from PIL import Image
+
+    images, labels = learnable(n_per_class=4)
+    root = tmp_path / "colours"
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / str(label) / f"{i}.png")
+    before = sorted(str(p) for p in root.rglob("*"))
+    for kwargs in (dict(output_dir=root / "run"), dict(output_dir=root), dict(export_dir=root / "0" / "exports")):
+        kwargs = {"output_dir": tmp_path / "run", **kwargs}
+        name = "export_dir" if "export_dir" in kwargs else "output_dir"
+        with pytest.raises(ValueError, match=rf"`{name}` .* is inside the image folder {root}"):
+            keras_bit.finetune(TINY_BUILDER, str(root), steps=5, batch_size=8, verbose=0, **kwargs)
+    assert sorted(str(p) for p in root.rglob("*")) == before and not (tmp_path / "run").exists()
+    assert run_finetune(tmp_path, data=str(root), steps=5).class_names == ["0", "1", "2"]  # outside: trains
+
+
+def test_a_finished_run_started_again_does_not_export_again(tmp_path, caplog):
+    exports = tmp_path / "exports"
+    first = run_finetune(tmp_path, steps=5, export_dir=exports)
+    assert first.export_path == str(exports / "bit_resnetv2" / "1")
+    with caplog.at_level("INFO", logger="keras_bit"):
+        again = run_finetune(tmp_path, steps=5, export_dir=exports)
+    assert again.export_path == first.export_path and os.listdir(exports / "bit_resnetv2") == ["1"]
+    assert "already exported to" in caplog.text and "keras-bit export" in caplog.text
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["export_path"] == first.export_path
+    run_finetune(tmp_path, steps=5)  # started again without export_dir: the record stays
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["export_path"] == first.export_path
+    elsewhere = run_finetune(tmp_path, steps=5, export_dir=tmp_path / "other")  # another place: asked for
+    assert elsewhere.export_path == str(tmp_path / "other" / "bit_resnetv2" / "1")
+    import shutil
+
+    shutil.rmtree(tmp_path / "other")  # the recorded export was deleted: exported anew
+    assert run_finetune(tmp_path, steps=5, export_dir=tmp_path / "other").export_path == elsewhere.export_path
+
+
+def test_numpy_integers_are_taken_as_python_ints(tmp_path):
+    result = run_finetune(tmp_path, steps=np.int64(6), batch_size=np.int32(8), checkpoint_every=np.uint8(3),
+                          resolution=(np.int64(36), np.int16(32)), seed=np.uint32(3), trainable=np.int64(2),
+                          eval_every=np.int64(3), max_pixels=np.int64(10**6), base_lr=np.float32(0.5))
+    assert result.steps == 6 and result.resolution == (36, 32)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [type(record[k]) for k in ("steps", "batch_size", "seed", "trainable")] == [int] * 4
+    # The same run in Python numbers is the same run: accepted, and finished already.
+    again = run_finetune(tmp_path, steps=6, batch_size=8, checkpoint_every=3, resolution=(36, 32), seed=3,
+                         trainable=2, eval_every=3, base_lr=0.5)
+    assert again.eval_accuracy == result.eval_accuracy
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**64 + 1, -1, np.int64(-2), 1.0, True])
+def test_a_seed_numpy_cannot_take_is_refused_up_front(tmp_path, seed):
+    with pytest.raises(ValueError, match=rf"`seed` must be a non-negative integer below 2\*\*32 \(NumPy's seed "
+                                         rf"range\)\. Received: seed="):
+        run_finetune(tmp_path, seed=seed)
+    assert not (tmp_path / "run").exists()

@@ -1,10 +1,12 @@
 """Argument checks, resolved settings and the resume comparison (no training here)."""
 
 import math
+import os
 
+import numpy as np
 import pytest
 
-from keras_bit.train import hyperrule, plan
+from keras_bit.train import hyperrule, plan, run_record
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -92,15 +94,67 @@ def test_check_resume(tmp_path):
     plan.check_resume(tmp_path, record, has_backup=False)  # nothing to resume: anything goes
     with pytest.raises(ValueError, match="holds a backup but no run.json"):
         plan.check_resume(tmp_path, record, has_backup=True)
-    plan.write_record(tmp_path, record)
+    run_record.write_run_json(tmp_path, record)
     plan.check_resume(tmp_path, dict(record, eval_every=7, replicas=2), has_backup=True)  # not compared
     with pytest.raises(plan.RunMismatchError, match=r"steps=1 -> 2"):
         plan.check_resume(tmp_path, dict(record, steps=2), has_backup=True)
     (tmp_path / "run.json").write_text("{not json")
-    with pytest.raises(ValueError, match="Cannot read .*run.json"):
+    with pytest.raises(ValueError, match="The run settings file .*run.json is not valid JSON"):
         plan.check_resume(tmp_path, record, has_backup=True)
+    for text, kind in (("[1, 2]", "list"), ('"steps"', "str"), ("7", "int"), ("null", "NoneType")):
+        (tmp_path / "run.json").write_text(text)  # valid JSON, but not the object of settings
+        with pytest.raises(ValueError, match=rf"run.json must hold a JSON object, not a {kind}\. Delete it"):
+            plan.check_resume(tmp_path, record, has_backup=True)
 
 
 def test_check_model_refuses_a_non_callable_even_with_a_weights_file():
     with pytest.raises(ValueError, match=r"`model` must be a BiT model name .* or a builder callable. Received: model=123"):
         plan.check_model(123, "x.npz")
+
+
+def test_numpy_numbers_are_taken_and_become_python_numbers():
+    args = plan.Arguments(batch_size=np.int64(8), steps=np.int32(10), seed=np.uint64(2**32 - 1),
+                          examples_per_class=np.int8(2), examples_per_class_seed=np.int64(0),
+                          checkpoint_every=np.int16(5), eval_every=np.uint8(5), gradient_accumulation_steps=np.int64(2),
+                          trainable=np.int64(3), resolution=np.int64(40), base_lr=np.float32(0.25),
+                          mixup=np.float16(0.5), eval_fraction=np.float32(0.25), max_pixels=np.int64(1000))
+    args.check()
+    for name in ("batch_size", "steps", "seed", "examples_per_class", "examples_per_class_seed", "checkpoint_every",
+                 "eval_every", "gradient_accumulation_steps", "trainable", "max_pixels"):
+        assert type(getattr(args, name)) is int, name
+    assert args.resolution == (40, 40) and all(type(r) is int for r in args.resolution)
+    assert [type(v) for v in (args.base_lr, args.mixup, args.eval_fraction)] == [float] * 3
+    assert args.seed == 2**32 - 1 and args.base_lr == 0.25
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seed=2**32), r"`seed` must be a non-negative integer below 2\*\*32 \(NumPy's seed range\). Received: "
+                       r"seed=4294967296"),
+    (dict(seed=2**64 + 1), "Received: seed=18446744073709551617"),
+    (dict(seed=np.int64(-1)), r"Received: seed=np.int64\(-1\)"),
+    (dict(seed=np.bool_(True)), "`seed` must be"),
+    (dict(examples_per_class=1, examples_per_class_seed=2**40), "`examples_per_class_seed` must be a non-negative"),
+    (dict(max_pixels=0), "`max_pixels` must be a positive integer"),
+    (dict(max_pixels=1.5e7), "`max_pixels` must be a positive integer"),
+    (dict(batch_size=np.float64(8)), "`batch_size` must be a positive integer"),
+    (dict(resolution=(np.int64(64), np.float32(32))), "`resolution` must be None"),
+    (dict(trainable=np.int64(5)), "`trainable` must be"),
+])
+def test_numpy_values_outside_the_range_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan.Arguments(**kwargs).check()
+
+
+def test_output_dir_that_is_a_broken_link_or_below_a_file(tmp_path):
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    os.symlink(tmp_path / "missing", tmp_path / "dangling")
+    for name in ("loop", "dangling"):
+        with pytest.raises(ValueError, match=rf"`output_dir` is a symbolic link that leads nowhere \(a loop, or a "
+                                             rf"missing target\): {tmp_path / name} -> "):
+            plan.check_output_dir(tmp_path / name)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=rf"The parent of `output_dir` is not a folder: {tmp_path / 'file'}"):
+        plan.check_output_dir(tmp_path / "file" / "run")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "alias")  # a link to a folder is a folder
+    assert plan.check_output_dir(tmp_path / "alias") == str(tmp_path / "alias")

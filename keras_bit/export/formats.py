@@ -14,9 +14,6 @@ for extra files; the SavedModel also returns them as `top_k_labels`).
 
 import logging
 import os
-import signal
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -25,7 +22,8 @@ from keras_bit import kernels
 from keras_bit.backend import require
 from keras_bit.console import native_stderr_silenced
 from keras_bit.backend import tensorflow as _tensorflow
-from keras_bit.export import saved_model, serving
+from keras_bit.export import runtimes, saved_model, serving
+from keras_bit.export.runtimes import EXTENSIONS, ExportError  # noqa: F401 (ExportError: public from here too)
 
 tf = _tensorflow("Model export")
 
@@ -35,7 +33,6 @@ FORMATS = ("tf_saved_model", "litert", "onnx", "openvino")
 QUANTIZATIONS = (None, "float16", "int8", "bfloat16")
 # Which formats take which quantization: LiteRT's converter quantizes; a SavedModel can hold bfloat16 weights.
 QUANTIZATION_FORMATS = {"float16": ("litert",), "int8": ("litert",), "bfloat16": ("tf_saved_model",)}
-EXTENSIONS = {"litert": ".tflite", "onnx": ".onnx", "openvino": ".xml"}
 # Python packages each format's writer needs (the `export` extra installs them and the runtimes).
 _WRITERS = {"onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
 
@@ -59,45 +56,6 @@ def _check_arguments(path, format, quantization, representative_data):
         raise ValueError(f"A {format} export is a '{extension}' file. Received: path={os.fspath(path)!r}")
     for module in _WRITERS.get(format, ()):
         require(module, f"{format} export", "export")
-
-
-class ExportError(RuntimeError):
-    """The converter produced an artifact its own runtime cannot run (nothing is written)."""
-
-
-# Runs a LiteRT file on one input in a child process: a broken model aborts the interpreter (no Python error).
-_SMOKE_TEST = (
-    "import sys, numpy as np\n"
-    "from ai_edge_litert.interpreter import Interpreter\n"
-    "Interpreter(model_path=sys.argv[1]).get_signature_runner()(images=np.load(sys.argv[2]))\n"
-)
-
-
-def _check_litert_runs(path, image):
-    """Raises ExportError when the LiteRT file at `path` crashes its interpreter on `image` (`[1, h, w, 3]`)."""
-    try:
-        import ai_edge_litert  # noqa: F401
-    except ImportError:
-        logger.warning("ai-edge-litert is not installed: the int8 model was not test-run (pip install "
-                       "'keras-bit[export]').")
-        return
-    sample = os.path.join(os.path.dirname(path), "sample.npy")
-    np.save(sample, image)
-    try:
-        proc = subprocess.run([sys.executable, "-c", _SMOKE_TEST, path, sample], capture_output=True, text=True,
-                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=600)
-    except subprocess.TimeoutExpired:
-        proc = subprocess.CompletedProcess([], "timed out after 600 s", "", "")
-    finally:
-        os.remove(sample)
-    if proc.returncode != 0:
-        lines = [line for line in (proc.stderr or "").strip().splitlines() if not line.startswith("INFO:")]
-        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-               else f"exit status {proc.returncode}")
-        raise ExportError(
-            f"the int8 LiteRT model fails in the LiteRT interpreter on a representative image ({how}"
-            f"{': ' + lines[-1][:200] if lines else ''}), so it was not written. Export with quantization='float16' "
-            "(or none) instead; benchmarks/RESULTS.md records where this happens.")
 
 
 def _representative(data):
@@ -136,10 +94,11 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
         class_names: list of names in label order (SavedModel: `top_k_labels`;
             others: `<path>.labels.txt`); default ImageNet names for
             1000/21843-class heads when available.
-        quantization: None (float32). LiteRT: "float16" (weights), or "int8"
-            (integer kernels calibrated on `representative_data`; the file is
-            test-run in a child process and refused with `ExportError` if it
-            crashes the interpreter). SavedModel: "bfloat16" (weights stored
+        quantization: None: float32 for LiteRT, ONNX and OpenVINO whatever
+            the model's dtype policy (a mixed-precision model is rebuilt in
+            float32 from the same weights); a SavedModel keeps the policy.
+            LiteRT: "float16" (weights), or "int8" (integer kernels calibrated
+            on `representative_data`). SavedModel: "bfloat16" (weights stored
             and run in bfloat16, see `fold_standardization`).
         representative_data: uint8 images `[n, height, width, 3]` for int8.
         top_k: how many classes `top_k_indices` / `top_k_scores` hold.
@@ -154,13 +113,24 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
     Returns:
         `path`, absolute.
 
+    Raises:
+        ExportError: the artifact's own runtime (TensorFlow, the LiteRT
+            interpreter, ONNX Runtime, OpenVINO) cannot run it: every export
+            is run once on two images before it is moved to `path`
+            (LiteRT, ONNX, OpenVINO in a child process, so that a runtime
+            that aborts cannot end the caller); nothing is written. Without
+            the runtime installed, a warning says the file was not test-run.
+
     Example:
         >>> export_model(model, "bit.onnx", format="onnx", class_names=names)
         >>> runner = keras_bit.export.load_exported("bit.onnx")
     """
     _check_arguments(path, format, quantization, representative_data)
-    served = serving.serving_model(model, image_size, top_k, activation,
-                                   dtype="bfloat16" if quantization == "bfloat16" else None)
+    # LiteRT, ONNX and OpenVINO get float32 whatever the model's dtype policy: a mixed_bfloat16 network would
+    # reach them as bfloat16 convolutions that ONNX Runtime and OpenVINO refuse and LiteRT runs only with
+    # TensorFlow's own kernels (Select TF ops). The SavedModel keeps the model's policy (or "bfloat16").
+    dtype = quantization if format == "tf_saved_model" else "float32"
+    served = serving.serving_model(model, image_size, top_k, activation, dtype=dtype)
     classes = int(model.output_shape[-1])
     class_names = serving.check_class_names(class_names, classes)
     if class_names is None:
@@ -170,25 +140,35 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
     existing = [os.fspath(t) for t in targets if os.path.lexists(t)]
     if existing and not overwrite:  # refused before the (slow) conversion
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace")
+    serving.check_replaceable(path, folder=format == "tf_saved_model")
 
     def write(tmp):
         if format == "tf_saved_model":
             saved_model.save(served, tmp, class_names, max_pixels, jpeg_dct_scaling)
         else:
-            # Standard ops only: LiteRT, tf2onnx and OpenVINO know nothing of keras_bit's fused kernel.
-            with kernels.portable():
-                # Keras' ONNX writer refuses a model that was never called.
-                served(np.zeros((1, *served.get_layer("classify").input_shape[1:3], 3), np.uint8))
-                # tf2onnx's NumPy 2 notices and the TFLite converter's C++ prints ("fully_quantize: 0, ...") are
-                # not the user's concern.
-                with warnings.catch_warnings(), native_stderr_silenced():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    served.export(tmp, format=format, verbose=False,
-                                  **_litert_options(quantization, representative_data))
-            if quantization == "int8":
-                _check_litert_runs(tmp, np.asarray(representative_data)[:1])
+            _convert(served, tmp, format, quantization, representative_data)
+        height, width = served.get_layer("classify").input_shape[1:3]
+        images = (np.asarray(representative_data)[:2] if quantization == "int8"
+                  else runtimes.sample_images(height, width))
+        runtimes.check_runs(tmp, format, images, shown=os.path.abspath(path),
+                            what=f"{quantization} {format}" if quantization else format,
+                            advice=" Export with quantization='float16' (or none) instead; benchmarks/RESULTS.md "
+                                   "records where this happens." if quantization == "int8" else "")
         serving.write_labels(tmp, format, class_names)
 
     path = serving.write_atomically(path, write, overwrite=overwrite, replaces=targets[1:])
     logger.info("Exported %s as %s to %s", model.name, format, path)
     return path
+
+
+def _convert(served, path, format, quantization, representative_data):
+    """Keras' own LiteRT / ONNX / OpenVINO writer on the serving model."""
+    # Standard ops only: LiteRT, tf2onnx and OpenVINO know nothing of keras_bit's fused kernel.
+    with kernels.portable():
+        # Keras' ONNX writer refuses a model that was never called.
+        served(np.zeros((1, *served.get_layer("classify").input_shape[1:3], 3), np.uint8))
+        # tf2onnx's NumPy 2 notices and the TFLite converter's C++ prints ("fully_quantize: 0, ...") are
+        # not the user's concern.
+        with warnings.catch_warnings(), native_stderr_silenced():
+            warnings.simplefilter("ignore", FutureWarning)
+            served.export(path, format=format, verbose=False, **_litert_options(quantization, representative_data))

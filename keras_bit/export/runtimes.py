@@ -5,18 +5,36 @@
 "top_k_scores"}` as NumPy arrays, whatever the format. It is how the tests and
 `benchmarks/` measure that every format computes what the Keras model does,
 and how `keras-bit predict` runs exports.
+
+`check_runs` is the test run every new export gets before `export_model`
+says it is done: an artifact its own runtime cannot run is never handed over.
 """
 
+import importlib.util
+import io
+import logging
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 
 from keras_bit.backend import require
 from keras_bit.console import native_stderr_silenced
-from keras_bit.export.formats import EXTENSIONS
+from keras_bit.export import runners
+from keras_bit.export.runners import OUTPUTS
 from keras_bit.export.serving import labels_path, read_labels
+from keras_bit.io import check_regular_file
 
-OUTPUTS = ("probabilities", "top_k_indices", "top_k_scores")
+logger = logging.getLogger("keras_bit")
+
+EXTENSIONS = {"litert": ".tflite", "onnx": ".onnx", "openvino": ".xml"}
+TEST_RUN_TIMEOUT = 600  # seconds; loading and running a BiT-M-R152x4 once on CPU takes well under a minute
+
+
+class ExportError(RuntimeError):
+    """The converter produced an artifact its own runtime cannot run (nothing is written)."""
 
 
 def format_of(path):
@@ -44,56 +62,17 @@ class Exported:
 
     def __call__(self, images):
         images = check_images(images)
-        outputs = self._run(images)
+        with native_stderr_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on first use
+            outputs = self._run(images)
         return {name: np.asarray(outputs[name]) for name in OUTPUTS}
 
     def __repr__(self):
         return f"Exported({self.path!r}, format={self.format!r})"
 
 
-def _saved_model(path):
-    tf = require("tensorflow", "Running SavedModel exports", "tensorflow")
-    signatures = tf.saved_model.load(path).signatures
-    if "serving_default" not in signatures or set(OUTPUTS) - set(signatures["serving_default"].structured_outputs):
-        raise ValueError(f"{path} is a SavedModel without keras_bit's serving_default signature "
-                         f"(outputs {', '.join(OUTPUTS)})")
-    serve = signatures["serving_default"]
-    return lambda images: {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}
-
-
-def _litert(path):
-    litert = require("ai_edge_litert.interpreter", "Running LiteRT exports", "export")
-    runner = litert.Interpreter(model_path=path).get_signature_runner()
-
-    def run(images):
-        with native_stderr_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on first use
-            return runner(images=images)
-
-    return run
-
-
-def _onnx(path):
-    ort = require("onnxruntime", "Running ONNX exports", "export")
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return lambda images: dict(zip(names, session.run(names, {"images": images})))
-
-
 def _openvino(path, precision="f32"):
-    ov = require("openvino", "Running OpenVINO exports", "export")
-    # OpenVINO computes in bfloat16 by default on CPUs that support it: ask for the float32 the model was
-    # exported in (precision=None keeps the CPU default; benchmarks/RESULTS.md measures both).
-    config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
-    compiled = ov.Core().compile_model(path, "CPU", config)
-
-    def run(images):
-        result = compiled(images)
-        return {name: result[output] for output in compiled.outputs for name in output.names if name in OUTPUTS}
-
-    return run
-
-
-_LOADERS = {"tf_saved_model": _saved_model, "litert": _litert, "onnx": _onnx, "openvino": _openvino}
+    """OpenVINO at another inference precision (`benchmarks/export_formats.py` measures the CPU default, None)."""
+    return runners.open_openvino(path, precision)
 
 
 def load_exported(path):
@@ -111,12 +90,109 @@ def load_exported(path):
     if fmt is None:
         raise ValueError(f"{path} is not an export: expected a SavedModel folder (with saved_model.pb) or a "
                          ".tflite, .onnx or .xml file")
+    for file in _files(path, fmt):  # a FIFO would hang the runtime that opens it
+        check_regular_file(file, f"{fmt} export file")
+    require(runners.RUNTIME_MODULES[fmt], f"Running {fmt} exports", "tensorflow" if fmt == "tf_saved_model"
+            else "export")
     try:
-        run = _LOADERS[fmt](path)
-    except (ValueError, ImportError):
-        raise
+        with native_stderr_silenced():
+            run = runners.OPENERS[fmt](path)
     except Exception as e:  # each runtime has its own error types for a corrupt file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"Cannot load {path} as a {fmt} export: {first[:300]}") from e
+        raise ValueError(f"Cannot load {path} as a {fmt} export: {runners.first_line(e)}") from e
     labels = labels_path(path, fmt)
-    return Exported(path, fmt, run, read_labels(labels) if os.path.isfile(labels) else None)
+    return Exported(path, fmt, run, read_labels(labels) if os.path.lexists(labels) else None)
+
+
+def _files(path, fmt):
+    """The files the runtime of the `fmt` export at `path` reads (a SavedModel: every file in its folder)."""
+    if fmt == "tf_saved_model":
+        # A linked folder inside is not walked (links can loop): it is listed, so it is refused as a folder.
+        return [os.path.join(root, name) for root, folders, names in os.walk(path)
+                for name in names + [f for f in folders if os.path.islink(os.path.join(root, f))]]
+    companion = os.path.splitext(path)[0] + ".bin"
+    return [path] + ([companion] if fmt == "openvino" and os.path.lexists(companion) else [])
+
+
+def sample_images(height, width, count=2):
+    """`count` fixed uint8 images one pixel off `(height, width)`: the test run goes through the export's resize."""
+    return np.random.default_rng(0).integers(0, 256, (count, height + 1, width + 1, 3), dtype=np.uint8)
+
+
+def child_command(fmt, path):
+    """The child that test-runs an export: this Python, loading only `runners.py` (`-P`: nothing from the cwd)."""
+    source = ("import importlib.util, sys\n"
+              "spec = importlib.util.spec_from_file_location('keras_bit_export_runners', sys.argv[1])\n"
+              "runners = importlib.util.module_from_spec(spec)\n"
+              "spec.loader.exec_module(runners)\n"
+              "runners.main(sys.argv[2:])\n")
+    return [sys.executable, "-P", "-c", source, runners.__file__, fmt, os.fspath(path)]
+
+
+def _installed(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package; a module set to None in sys.modules
+        return False
+
+
+def _run_in_child(fmt, path, images):
+    """None when the child runs the export, else why not (the runtime's error line, or the signal)."""
+    buffer = io.BytesIO()
+    np.save(buffer, images)
+    try:
+        proc = subprocess.run(child_command(fmt, path), input=buffer.getvalue(), capture_output=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=TEST_RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"no result after {TEST_RUN_TIMEOUT} s"
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in proc.stderr.decode("utf-8", "replace").splitlines()
+             if line.strip() and not line.startswith("INFO:")]
+    marked = [line[len(runners.ERROR_MARK):] for line in lines if line.startswith(runners.ERROR_MARK)]
+    if marked:
+        return marked[-1]
+    if proc.returncode < 0:
+        try:
+            how = f"killed by {signal.Signals(-proc.returncode).name}"
+        except ValueError:
+            how = f"killed by signal {-proc.returncode}"
+    else:
+        how = f"exit status {proc.returncode}"
+    return how + (f": {lines[-1].strip()[:200]}" if lines else "")
+
+
+def check_runs(path, fmt, images, shown=None, what=None, advice=""):
+    """Runs the new `fmt` export at `path` once on `images`; ExportError naming the runtime's error if it cannot.
+
+    A SavedModel is loaded in this process (TensorFlow wrote it and is loaded
+    already; its failures are Python exceptions). LiteRT, ONNX and OpenVINO
+    files run in a child process (`child_command`): a runtime that aborts
+    on a broken file ends the child, and the caller gets an ExportError. A
+    runtime that is not installed gets one warning: the file was not test-run.
+
+    Args:
+        path: the export, at its temporary place.
+        fmt: one of `runners.OPENERS`.
+        images: uint8 `[n, height, width, 3]`.
+        shown: the path the messages name (where the export was going).
+        what: the export's name in messages (default `fmt`, e.g. "int8 litert").
+        advice: appended to the ExportError's message.
+    """
+    shown, what = shown or path, what or fmt
+    module = runners.RUNTIME_MODULES[fmt]
+    if not _installed(module):
+        logger.warning("%s is not installed: the %s export %s was not test-run (pip install 'keras-bit[export]').",
+                       module.split(".")[0], what, shown)
+        return
+    if fmt == "tf_saved_model":
+        try:
+            runners.run_once(fmt, os.fspath(path), images)
+            return
+        except Exception as e:
+            reason = runners.first_line(e)
+    else:
+        reason = _run_in_child(fmt, path, images)
+        if reason is None:
+            return
+    raise ExportError(f"The {what} export {os.fspath(shown)} fails in {runners.RUNTIME_NAMES[fmt]} on a test image "
+                      f"({reason}), so it was not written.{advice}")

@@ -21,7 +21,7 @@ import os
 
 from keras_bit import kernels
 from keras_bit.backend import tensorflow as _tensorflow
-from keras_bit.export import image_decode, serving
+from keras_bit.export import image_decode, runtimes, serving
 from keras_bit.validation import check_positive_int
 
 SAVED_MODEL_QUANTIZATIONS = (None, "bfloat16")
@@ -93,6 +93,11 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         The path of the written version folder (class names, when known, also
         in its `assets.extra/class_names.txt`).
 
+    Raises:
+        ExportError: TensorFlow cannot load and run the written SavedModel
+            (it is loaded and run once on two small images before it is
+            moved into place); nothing is written.
+
     Example:
         >>> path = export_saved_model(result.model, class_names=result.class_names)
         >>> served = tf.saved_model.load(path).signatures["serving_bytes"]
@@ -116,6 +121,8 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
 
     def write(tmp):
         save(served, tmp, class_names, max_pixels, jpeg_dct_scaling)
+        runtimes.check_runs(tmp, "tf_saved_model", runtimes.sample_images(*serving.input_size(model, image_size)),
+                            shown=path)
         serving.write_labels(tmp, "tf_saved_model", class_names)
 
     serving.write_atomically(path, write)

@@ -18,11 +18,13 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 
 import keras
 import numpy as np
 
 from keras_bit import imagenet, presets
+from keras_bit.io import read_bounded
 from keras_bit.layers import StandardizedConv2D, standardize_kernel
 from keras_bit.preprocessing import preprocess_input
 from keras_bit import validation
@@ -32,6 +34,9 @@ from keras_bit.weights.download import DownloadError
 logger = logging.getLogger("keras_bit")
 
 ACTIVATIONS = ("auto", "softmax", "none")
+_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+FOLD_DTYPES = (None, "bfloat16", "float32")
+MAX_LABELS_BYTES = 64 * 2**20  # ImageNet-21k's 21843 names take 0.3 MB
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -48,16 +53,20 @@ def fold_standardization(model, dtype=None):
             in float32), except a layer named "head", kept float32 as under
             mixed precision: no float32 -> bfloat16 cast of every kernel on
             every call, as `mixed_bfloat16` does, and half the memory.
+            "float32": every layer stores and computes in float32 (a model
+            built or fine-tuned under a mixed-precision policy, for runtimes
+            without bfloat16 / float16 kernels).
 
     Example:
         >>> fast = fold_standardization(keras_bit.BiTS_R50x1(weights=None), dtype="bfloat16")
     """
-    if dtype not in (None, "bfloat16"):
-        raise ValueError(f"`dtype` must be None or 'bfloat16'. Received: dtype={dtype!r}")
+    if dtype not in FOLD_DTYPES:
+        raise ValueError(f"`dtype` must be one of {FOLD_DTYPES}. Received: dtype={dtype!r}")
 
     def clone(layer):
         config = layer.get_config()
-        if dtype is not None and layer.name != "head" and not isinstance(layer, keras.layers.InputLayer):
+        if (dtype == "float32" or dtype is not None and layer.name != "head") and not isinstance(
+                layer, keras.layers.InputLayer):
             config["dtype"] = dtype
         if isinstance(layer, StandardizedConv2D):
             config.pop("epsilon")
@@ -84,14 +93,46 @@ def needs_softmax(model, activation="auto"):
         raise ValueError(f"`activation` must be one of {ACTIVATIONS}. Received: activation={activation!r}")
     if activation != "auto":
         return activation == "softmax"
-    last = getattr(model.layers[-1], "activation", None) if model.layers else None
+    layer = model.layers[-1] if model.layers else None
+    if isinstance(layer, _POOLING):
+        raise ValueError(
+            f"{model.name!r} outputs pooled features, not classes (its last layer is a {type(layer).__name__}: "
+            "a model built with include_top=False). Exports and predictions need a classifier: fine-tune one on "
+            "your classes (`keras-bit finetune`, `keras_bit.finetune`) or build it with include_top=True.")
+    last = getattr(layer, "activation", None)
     if last is None:
         raise ValueError(
             f"Cannot tell whether {model.name!r} outputs logits or probabilities: its last layer "
-            f"({type(model.layers[-1]).__name__ if model.layers else 'none'}) has no `activation`. "
-            "Pass activation='softmax' (logits) or activation='none' (already probabilities)."
-        )
+            f"({type(layer).__name__ if layer else 'none'}) has no `activation`. Pass activation='softmax' "
+            "(logits) or activation='none' (already probabilities); `keras-bit export` / `predict`: "
+            "--activation softmax / none.")
     return last is keras.activations.linear
+
+
+def check_classifier(model):
+    """The number of classes of `model`: one image input, one `(batch, classes)` output, finite weights.
+
+    A feature model (include_top=False without pooling), a multi-output
+    model and NaN weights are refused (ValueError) before anything is built.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model (a keras_bit classifier). Received: {type(model).__name__}")
+    if len(model.outputs) != 1 or len(model.inputs) != 1:
+        raise ValueError(
+            f"{model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; exports and "
+            "predictions take one image input and one `(batch, classes)` output. Pass the output you want as a "
+            "model of its own: keras.Model(model.inputs[0], model.outputs[i]) (saved with `.save(...)` for the CLI).")
+    shape = tuple(model.outputs[0].shape)
+    if len(shape) != 2 or not shape[-1]:
+        raise ValueError(
+            f"{model.name!r} outputs shape {shape}, not (batch, classes): a feature model (include_top=False) has "
+            "no classes. Fine-tune one on your classes (`keras-bit finetune`, `keras_bit.finetune`) or build it with "
+            "include_top=True.")
+    for variable in model.weights:
+        if not np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(variable, "float32"))).all():
+            raise ValueError(f"{model.name!r}: weight {variable.path} holds NaN or infinite values; such a model "
+                             "returns NaN for every image and is not exported.")
+    return int(shape[-1])
 
 
 def input_size(model, image_size=None):
@@ -146,17 +187,18 @@ def serving_model(model, image_size=None, top_k=5, activation="auto", fold=True,
         top_k: how many classes `top_k_*` hold (at most the number of classes).
         activation: see `needs_softmax`.
         fold: fold weight standardization into the kernels (same function, faster).
-        dtype: None, or "bfloat16" to store and run the folded network in
-            bfloat16 (see `fold_standardization`; needs `fold=True`).
+        dtype: None (the model's dtype policy), "bfloat16" or "float32":
+            the folded network stored and run in that dtype (see
+            `fold_standardization`; needs `fold=True`).
 
     Returns:
         A Functional model with input `images` (uint8 `[batch, None, None, 3]`)
         and outputs `{"probabilities", "top_k_indices", "top_k_scores"}`.
     """
     check_positive_int(top_k, "top_k")
+    classes = check_classifier(model)
     height, width = input_size(model, image_size)
     softmax = needs_softmax(model, activation)
-    classes = int(model.output_shape[-1])
     if dtype is not None and not fold:
         raise ValueError(f"dtype={dtype!r} needs fold=True (the folded network is the one stored in {dtype}).")
     network = fold_standardization(model, dtype) if fold else model
@@ -170,8 +212,8 @@ def serving_model(model, image_size=None, top_k=5, activation="auto", fold=True,
                "top_k_scores": top_scores}
     classify = keras.Model(pixels, outputs, name="classify")
     images = keras.Input((None, None, 3), dtype="uint8", name="images")
-    # Resized as float: Keras' Resizing returns its input dtype, and rounding to uint8 would change the pixels.
-    resized = keras.layers.Resizing(height, width, interpolation="bilinear", name="resize")(
+    # Resized as float32 (whatever the global dtype policy): rounding to uint8 would change the pixels.
+    resized = keras.layers.Resizing(height, width, interpolation="bilinear", name="resize", dtype="float32")(
         keras.ops.cast(images, "float32"))
     return keras.Model(images, classify(resized), name=f"{model.name}_serving")
 
@@ -202,9 +244,56 @@ def write_labels(path, format, class_names):
 
 
 def read_labels(path):
-    """Class names from a text file, one per line (`class_names.txt`, an export's labels); blank lines skipped."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """Class names from a UTF-8 text file, line k naming class k - 1 (`class_names.txt`, an export's labels).
+
+    Names are stripped of surrounding spaces; CRLF line ends, a byte-order
+    mark and blank lines after the last name are fine. A blank line before the
+    last name would shift every later label, so it is refused, as are binary
+    content (not UTF-8, control characters), files that are not regular files
+    (a FIFO would never end) and files over `MAX_LABELS_BYTES`: ValueError
+    naming the file and line.
+    """
+    data = read_bounded(path, MAX_LABELS_BYTES, "class names file")
+    path = os.fsdecode(os.fspath(path))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"class names file {path}, line {line}: not UTF-8 text "
+                         f"(byte {e.start} is {data[e.start:e.start + 1]!r}); expected one class name per line"
+                         ) from None
+    lines = [line.rstrip("\r") for line in text.split("\n")]  # not splitlines: it also splits at \x0b, \x1c ...
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f"class names file {path} is empty; expected one class name per line")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"class names file {path}, line {number}: blank; line k names class k - 1, so a blank "
+                             "line would shift every later name (remove it)")
+        control = next((c for c in line if unicodedata.category(c) == "Cc" and c != "\t"), None)
+        if control is not None:
+            raise ValueError(f"class names file {path}, line {number}: control character {control!r} (binary "
+                             "content?); expected one class name per line")
+    return [line.strip() for line in lines]
+
+
+def check_replaceable(path, folder):
+    """FileExistsError unless an export (a `folder` or a file) may replace what is at `path` (when anything is).
+
+    A folder is only ever replaced by a SavedModel folder, and only when it is
+    a SavedModel; a file only by a file (`--output model.keras --overwrite`
+    must not turn a model into a SavedModel folder). A link is replaced
+    itself, never what it points to, and is judged by what it points to.
+    """
+    if not os.path.lexists(path):
+        return
+    is_dir = os.path.isdir(path)
+    if is_dir and not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise FileExistsError(f"{path} is a folder that is not a SavedModel; it is never replaced")
+    if is_dir != folder:
+        have, new = ("a SavedModel folder", "file") if is_dir else ("a file", "SavedModel folder")
+        raise FileExistsError(f"{path} is {have}; a {new} export never replaces it")
 
 
 def write_atomically(path, write, overwrite=False, replaces=()):
@@ -214,8 +303,7 @@ def write_atomically(path, write, overwrite=False, replaces=()):
     `path` and may write siblings there too (OpenVINO's `.bin`, a labels
     file); each is moved next to `path`. Existing files are refused unless
     `overwrite`; then they, and the paths in `replaces` that this export no
-    longer has (an old labels file), are removed. A folder is only replaced
-    when it is a SavedModel.
+    longer has (an old labels file), are removed (see `check_replaceable`).
     """
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
@@ -232,8 +320,8 @@ def write_atomically(path, write, overwrite=False, replaces=()):
             raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) "
                                   "to replace")
         for target in existing:
-            if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "saved_model.pb")):
-                raise FileExistsError(f"{target} is a folder that is not a SavedModel; it is never replaced")
+            new = os.path.join(tmp, os.path.basename(target))
+            check_replaceable(target, folder=os.path.isdir(new) and not os.path.islink(new))
         aside = os.path.join(tmp, ".replaced")
         os.mkdir(aside)
         for i, target in enumerate(existing):  # moved aside (same file system), deleted with `tmp`

@@ -39,15 +39,17 @@ import shutil
 import keras
 import numpy as np
 
+from keras_bit.train.run_record import TEMP_PREFIX as _TEMP_PREFIX
+from keras_bit.train.run_record import temp_path
 from keras_bit.validation import check_positive_int
 from keras_bit.weights.download import sha256_of
 
 logger = logging.getLogger("keras_bit")
 
 _NAME = re.compile(r"^step-(\d{9})\.weights\.h5$")
-# Keras only writes names ending in `.weights.h5`; the leading dot keeps a file being
-# written out of `ls` and out of `_NAME`, so `restore` never sees it.
-_TEMP_PREFIX = ".writing-"
+# A file being written has a name of `run_record.temp_path`: `.writing-<pid>-<random>-<final name>`. Keras
+# only writes names ending in `.weights.h5`; the leading dot keeps it out of `ls` and out of `_NAME`, so
+# `restore` never sees it.
 # Each backup's sha256, in `step-N.weights.h5.sha256` beside it.
 _DIGEST_SUFFIX = ".sha256"
 # keras.callbacks.BackupAndRestore's files (the format used before this module).
@@ -156,8 +158,8 @@ def _fsync(path):
 
 
 def _remove_temp_files(folder):
-    # Only one process writes backups, so any temporary file is left by a killed write; so is a
-    # digest whose backup never got its final name.
+    # One process writes backups (a fine-tuning run holds its output_dir: keras_bit.train.run_lock), so
+    # any temporary file is left by a killed write; so is a digest whose backup never got its final name.
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if name.startswith(_TEMP_PREFIX):
@@ -168,7 +170,7 @@ def _remove_temp_files(folder):
 
 def _write_digest(weights_path, digest_path):
     """Writes the sha256 of `weights_path` beside it, atomically: HDF5 cannot see a flipped byte in its data."""
-    temp = os.path.join(os.path.dirname(digest_path), _TEMP_PREFIX + os.path.basename(digest_path))
+    temp = temp_path(digest_path)
     with open(temp, "w") as f:
         f.write(sha256_of(weights_path) + "\n")
     _fsync(temp)
@@ -215,7 +217,7 @@ def _write_backup(model, backup_dir, step, keep):
     """Writes the backup of `model` at `step` (see `Backup`); returns its path or raises `BackupError`."""
     folder = os.fspath(backup_dir)
     final = backup_path(folder, step)
-    temp = os.path.join(folder, _TEMP_PREFIX + os.path.basename(final))
+    temp = temp_path(final)
     previous = next(((s, p) for s, p in list_backups(folder) if s < step), None)
     try:
         os.makedirs(folder, exist_ok=True)

@@ -4,7 +4,8 @@ A folder or array source is held in memory *undecoded* (file paths, encoded
 bytes or uint8 arrays) and decoded after shuffling (see
 `keras_bit.train.pipeline`), so shuffling and resuming are cheap; a tfds
 source stays in tfds' files (`keras_bit.train.tfds_data`). `load` checks a
-data set before any training step: every folder image decodes, labels are
+data set before any training step: every folder image decodes within
+`max_pixels`, array pixels are finite and in [0, 255], labels are
 0..C-1, at least 2 classes, class names non-empty, distinct, single-line.
 """
 
@@ -15,7 +16,7 @@ import os
 
 import numpy as np
 
-from keras_bit.console import native_stderr_silenced
+from keras_bit.train import image_check
 from keras_bit.validation import check_class_names, check_positive_int
 from keras_bit.backend import tensorflow as _tensorflow
 
@@ -115,6 +116,10 @@ def _as_uint8(images, where):
         return images
     if not np.issubdtype(images.dtype, np.number) or images.size == 0:
         raise ValueError(f"{where} must be a numeric array of pixels in [0, 255]. Received dtype {images.dtype}")
+    if np.issubdtype(images.dtype, np.inexact) and not np.isfinite(images).all():
+        bad = np.argwhere(~np.isfinite(images))[0]
+        raise ValueError(f"{where} must hold finite pixels in [0, 255]. Received NaN or infinite values "
+                         f"(the first at index {tuple(int(i) for i in bad)})")
     low, high = float(images.min()), float(images.max())
     if low < 0 or high > 255:
         raise ValueError(f"{where} must hold pixels in [0, 255]. Received values in [{low}, {high}]")
@@ -200,41 +205,19 @@ def _list_image_folder(root):
     return np.array(paths), np.array(labels, np.int64), classes
 
 
-def decode_check(paths):
-    """Decodes every image file once, fully, with TensorFlow's decoder (the one training uses).
-
-    PIL's `verify()` reads headers only, so a truncated JPEG passes it and then
-    fails training at the same step on every run; this catches it up front.
-
-    Returns:
-        `(sizes, bad)`: `(N, 2)` int array of (height, width), -1 where the
-        file cannot be read or decoded, and the list of those paths.
-    """
-    from keras_bit.train.pipeline import decode
-
-    n = len(paths)
-    sizes = np.full((n, 2), -1, np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((tf.range(n, dtype=tf.int64), tf.constant(np.asarray(paths, str))))
-    ds = ds.map(lambda i, path: (i, tf.shape(decode(path, "files"), out_type=tf.int64)[:2]),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    with native_stderr_silenced():
-        for index, hw in ds.ignore_errors().batch(1024).as_numpy_iterator():
-            sizes[index] = hw
-    bad = [str(paths[i]) for i in np.flatnonzero(sizes[:, 0] < 0)]
-    return sizes, bad
-
-
 def _drop_bad(split, bad):
     keep = ~np.isin(split.records, bad)
     return split.subset(np.flatnonzero(keep))
 
 
-def from_folder(root, eval_fraction=0.2, seed=0, skip_bad_images=False):
+def from_folder(root, eval_fraction=0.2, seed=0, skip_bad_images=False, max_pixels=None):
     """A `Dataset` from `root/<class>/<image>` (or `root/train/...` and `root/test|val|validation/...`).
 
-    Every image is decoded once here (see `decode_check`): an undecodable file
-    raises a `ValueError` naming it, or with `skip_bad_images=True` is left out
-    (listed in `Dataset.skipped`).
+    Every image is decoded once here, within `max_pixels` (height x width;
+    None: `keras_bit.export.DEFAULT_MAX_PIXELS`, 40 million, as for predict
+    and serving; see `keras_bit.train.image_check`): a file that does not
+    decode, is larger or is not a regular file raises a `ValueError` naming
+    it, or with `skip_bad_images=True` is left out (listed in `Dataset.skipped`).
     """
     root = os.fspath(root)
     splits = [d for d in ("test", "validation", "val") if os.path.isdir(os.path.join(root, d))]
@@ -250,16 +233,16 @@ def from_folder(root, eval_fraction=0.2, seed=0, skip_bad_images=False):
         paths, labels, classes = _list_image_folder(root)
         train, eval_split = Split(paths, labels, "files"), None
     all_paths = train.records if eval_split is None else np.concatenate([train.records, eval_split.records])
-    sizes, bad = decode_check(all_paths)
+    max_pixels = image_check.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    sizes, problems = image_check.check_images(all_paths, max_pixels)
+    bad = list(problems)
     if bad and not skip_bad_images:
-        raise ValueError(
-            f"{len(bad)} of {len(all_paths)} images under {root!r} cannot be decoded by TensorFlow: "
-            + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
-            + ". Repair or remove them, or skip them (skip_bad_images=True, --skip-bad-images)."
-        )
+        raise ValueError(_bad_images_message(root, len(all_paths), problems, max_pixels)
+                         + " Repair or remove them (or raise max_pixels=, --max-pixels, for larger images), or "
+                           "skip them (skip_bad_images=True, --skip-bad-images).")
     if bad:
-        logger.warning("Skipping %d undecodable image(s) of %d: %s", len(bad), len(all_paths),
-                       ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
+        logger.warning("Skipping %d image(s) of %d: %s", len(bad), len(all_paths),
+                       _bad_images_message(root, len(all_paths), problems, max_pixels))
         train = _drop_bad(train, bad)
         eval_split = None if eval_split is None else _drop_bad(eval_split, bad)
     if eval_split is None:
@@ -272,6 +255,12 @@ def from_folder(root, eval_fraction=0.2, seed=0, skip_bad_images=False):
     size = tuple(int(v) for v in np.median(sizes[sizes[:, 0] >= 0], axis=0))
     return Dataset(train, eval_split, len(classes), classes, size, os.path.basename(os.path.normpath(root)),
                    skipped=bad)
+
+
+def _bad_images_message(root, total, problems, max_pixels):
+    found = [f"{path} ({reason})" for path, reason in problems.items()]
+    return (f"{len(found)} of {total} images under {root!r} cannot be decoded by TensorFlow within "
+            f"max_pixels={max_pixels}: " + ", ".join(found[:5]) + (", ..." if len(found) > 5 else "") + ".")
 
 
 def from_sklearn(name, eval_fraction=0.2, seed=0):
@@ -295,17 +284,18 @@ def from_sklearn(name, eval_fraction=0.2, seed=0):
 
 
 def load(data, eval_data=None, split="train", eval_split=None, eval_fraction=0.2, seed=0, data_dir=None,
-         skip_bad_images=False):
+         skip_bad_images=False, max_pixels=None):
     """A checked `Dataset` from a tfds name, `"sklearn:digits"`, an image-folder path, `(images, labels)`
     arrays or a `Dataset`.
 
     Raises:
         ValueError: naming the problem: an unknown source, undecodable images
-            (image folders; see `from_folder` for `skip_bad_images`), labels
+            or images over `max_pixels` (image folders; see `from_folder` for
+            `skip_bad_images`), NaN or infinite pixels in arrays, labels
             that are not 0..C-1, fewer than 2 classes, class names that are
             empty, repeated or span lines, an empty split.
     """
-    dataset = _load(data, eval_data, split, eval_split, eval_fraction, seed, data_dir, skip_bad_images)
+    dataset = _load(data, eval_data, split, eval_split, eval_fraction, seed, data_dir, skip_bad_images, max_pixels)
     return check_dataset(dataset)
 
 
@@ -325,7 +315,42 @@ def check_dataset(dataset):
     return dataset
 
 
-def _load(data, eval_data, split, eval_split, eval_fraction, seed, data_dir, skip_bad_images):
+def folder_source(data):
+    """The image folder `data` names (its absolute, resolved path), or None when `data` is another source.
+
+    A path-like or a str naming an existing folder or holding a path separator
+    is a folder; "sklearn:..." and other plain names are not (tfds names).
+    """
+    if not isinstance(data, (str, os.PathLike)) or isinstance(data, str) and data.startswith("sklearn:"):
+        return None
+    path = os.fspath(data)
+    if os.path.isfile(path) or not (os.path.isdir(path) or os.sep in path):
+        return None
+    return os.path.realpath(path)
+
+
+def check_outside(data, **paths):
+    """Refuses an output folder (`output_dir=...`, `export_dir=...`) inside the image folder `data`.
+
+    Refused rather than ignored when the folder is listed: the run would write
+    its backups, logs and summary.png among the images (a new class folder,
+    or PNGs read as examples), and the next run would find other data.
+    """
+    root = folder_source(data)
+    if root is None:
+        return
+    for name, path in paths.items():
+        if path is None:
+            continue
+        resolved = os.path.realpath(os.fspath(path))
+        if os.path.commonpath([root, resolved]) == root:
+            raise ValueError(
+                f"`{name}` {os.fspath(path)} is inside the image folder {os.fspath(data)}: the run's files would "
+                f"be read as images (or a class) by the next run. Choose an `{name}` outside it."
+            )
+
+
+def _load(data, eval_data, split, eval_split, eval_fraction, seed, data_dir, skip_bad_images, max_pixels):
     if isinstance(data, Dataset):
         return data
     if isinstance(data, str) and data.startswith("sklearn:"):
@@ -338,8 +363,9 @@ def _load(data, eval_data, split, eval_split, eval_fraction, seed, data_dir, ski
                 f"`data` is a file: {os.fspath(data)!r}. Pass an image folder (root/<class>/<image>), a tfds "
                 "name or \"sklearn:digits\"."
             )
-        if os.path.isdir(data) or os.sep in os.fspath(data):
-            return from_folder(data, eval_fraction=eval_fraction, seed=seed, skip_bad_images=skip_bad_images)
+        if folder_source(data) is not None:
+            return from_folder(data, eval_fraction=eval_fraction, seed=seed, skip_bad_images=skip_bad_images,
+                               max_pixels=max_pixels)
         from keras_bit.train import tfds_data  # imports tensorflow_datasets: only when a tfds name is given
 
         return tfds_data.from_tfds(os.fspath(data), split=split, eval_split=eval_split, data_dir=data_dir)

@@ -22,18 +22,15 @@ import time
 
 import keras
 
-from keras_bit.train import backup, distribute, evaluation, hyperrule, pipeline, plan
+from keras_bit.train import backup, distribute, evaluation, hyperrule, image_check, outputs, pipeline, plan, run_lock
 from keras_bit.train import data as data_lib
 from keras_bit.train.logs import RunLog
-from keras_bit.train.run_record import CLASS_NAMES_FILE, RESULTS_FILE
 from keras_bit.backend import tensorflow as _tensorflow
+from keras_bit.console import native_stderr_silenced
 
 tf = _tensorflow("Fine-tuning")
 
 logger = logging.getLogger("keras_bit")
-
-SKIPPED_FILE = "skipped_images.txt"
-
 
 @dataclasses.dataclass
 class FinetuneResult:
@@ -51,7 +48,8 @@ class FinetuneResult:
         supports: the learning-rate schedule supports used.
         resolution: `(resize, crop)` used for training.
         class_names: class names, in label order.
-        export_path: the SavedModel version folder when `export_dir` was given, else None.
+        export_path: the SavedModel version folder when `export_dir` was given (a finished run started
+            again: the one it exported before), else None.
         summary_path: `summary.png` when it was drawn, else None.
     """
 
@@ -89,6 +87,7 @@ def finetune(
     eval_fraction=0.2,
     data_dir=None,
     skip_bad_images=False,
+    max_pixels=image_check.DEFAULT_MAX_PIXELS,
     mixed_precision=None,
     gradient_accumulation_steps=1,
     jit_compile=False,
@@ -121,13 +120,18 @@ def finetune(
             `(resize, crop)`.
         output_dir: backups (`backup/`), TensorBoard logs (`logs/`),
             `metrics.csv`, `results.json`, `run.json`, `class_names.txt`,
-            `summary.png` and `model.keras`.
+            `summary.png` and `model.keras`. One run at a time: while a run
+            holds it (`run.lock`, an OS lock the system drops when the
+            process ends, however it ends) another is refused, naming the
+            holder's pid, host and start time. It may not lie inside an image
+            folder given as `data` (refused: its files would become examples).
         examples_per_class: few-shot: train on exactly this many examples of
             each class (the authors' `--examples_per_class`), repeated through
             the stream at any batch size.
         examples_per_class_seed: seed of the few-shot draw (default: `seed`).
         seed: seed of shuffling, augmentation, MixUp and random
-            initialisation (sets Keras' global seed via `keras.utils.set_random_seed`).
+            initialisation (sets Keras' global seed via `keras.utils.set_random_seed`):
+            an integer in NumPy's seed range, 0 to 2**32 - 1.
         strategy: a `tf.distribute.Strategy`; default `select_strategy()`:
             `keras_bit.MultiWorkerStrategy` when `TF_CONFIG` names a cluster
             (every worker runs the same call; `output_dir` must then be on
@@ -141,8 +145,12 @@ def finetune(
         split, eval_split, eval_data, eval_fraction, data_dir: where the
             training and evaluation examples come from (see `keras_bit.data.load`).
         skip_bad_images: image folders are fully decoded once before training;
-            an undecodable file is an error naming it, or with True it is
-            left out and listed in `skipped_images.txt`.
+            an undecodable file, or one over `max_pixels`, is an error naming
+            it, or with True it is left out and listed in `skipped_images.txt`.
+        max_pixels: largest image (height x width) of an image folder that is
+            decoded, read from its header first; default 40 million, as
+            `keras-bit predict` and serving (`keras_bit.export.DEFAULT_MAX_PIXELS`).
+            None: that default.
         mixed_precision: None/"float32", "mixed_float16" (with loss scaling) or
             "mixed_bfloat16".
         gradient_accumulation_steps: split each batch into this many
@@ -158,7 +166,11 @@ def finetune(
             root and the blocks below it stay frozen.
         callbacks: extra Keras callbacks.
         export_dir: if given, also export a serving SavedModel (with the class
-            names) to `<export_dir>/<model name>/<next version>/`.
+            names) to `<export_dir>/<model name>/<next version>/`, once per
+            run: a finished run started again returns the version it
+            exported (recorded in results.json) instead of writing another.
+            To write another, run `keras-bit export <output_dir>/model.keras
+            --class-names <output_dir>/class_names.txt --export-dir <dir>`.
         verbose: 0 for silence; otherwise one line per chunk and the result.
 
     Returns:
@@ -174,43 +186,51 @@ def finetune(
         eval_fraction=eval_fraction, mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps, jit_compile=jit_compile,
         deterministic=deterministic, checkpoint_every=checkpoint_every, eval_every=eval_every, trainable=trainable,
+        max_pixels=image_check.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
     )
     args.check()
     plan.check_model(model, weights)
     plan.check_extras(export_dir, callbacks, strategy)
     output_dir = plan.check_output_dir(output_dir)
+    data_lib.check_outside(data, output_dir=output_dir, export_dir=export_dir)
     plan.fetch_weights(model, weights)
-    strategy = distribute.select_strategy(strategy, gradient_accumulation_steps)
+    with native_stderr_silenced():  # the command's console: CUDA's own "failed call to cuInit" line on a CPU machine
+        strategy = distribute.select_strategy(strategy, gradient_accumulation_steps)
     chief = distribute.is_chief(strategy)
-    dataset, train = _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images)
-    os.makedirs(output_dir, exist_ok=True)
-    fingerprints = (train.fingerprint(), dataset.eval.fingerprint())
-    selection = dict(split=split, eval_split=eval_split, data_dir=None if data_dir is None else os.fspath(data_dir),
-                     skip_bad_images=bool(skip_bad_images))
-    run = plan.resolve(model, weights, dataset, train, args, strategy.num_replicas_in_sync, fingerprints,
-                       _environment(), selection, distribute.worker_count(strategy))
-    backup_dir = os.path.join(output_dir, "backup")
-    plan.check_resume(output_dir, run.record, bool(backup.list_backups(backup_dir)))
-    if chief:
-        _write_run_files(output_dir, run, dataset)
-    _log_plan(run, dataset, train, weights, args)
-    show = verbose not in (0, False)
-    started = time.monotonic()
-    with _precision(args.mixed_precision):
-        if args.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        keras.utils.set_random_seed(args.seed)  # reproducible random initialisation (weights=None)
-        with strategy.scope():
-            net = _build_model(model, weights, run, dataset.num_classes, args.jit_compile)
-            start = backup.restore(net, backup_dir, iterations_per_step=run.accumulation)
-        log = _fit(net, run, train, dataset, strategy, start, chief, backup_dir, list(callbacks), show)
-        scores = evaluation.evaluate(net, dataset.eval, dataset.num_classes, run.micro_batch, run.crop, strategy)
-        log.finish(run.total, scores)
-        with strategy.scope():
-            probs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(net.output)
-            trained = keras.Model(net.input, probs, name=net.name)
-    return _write_outputs(trained, run, dataset, scores, log, output_dir, chief, export_dir, show,
-                          time.monotonic() - started, start)
+    # Only the chief writes into output_dir (the other workers read its backups): it alone holds the folder.
+    with run_lock.hold(output_dir) if chief else contextlib.nullcontext():
+        dataset, train = _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_images)
+        os.makedirs(output_dir, exist_ok=True)
+        fingerprints = (train.fingerprint(), dataset.eval.fingerprint())
+        selection = dict(split=split, eval_split=eval_split, skip_bad_images=bool(skip_bad_images),
+                         data_dir=None if data_dir is None else os.fspath(data_dir),
+                         max_pixels=args.max_pixels if data_lib.folder_source(data) else None)
+        run = plan.resolve(model, weights, dataset, train, args, strategy.num_replicas_in_sync, fingerprints,
+                           _environment(), selection, distribute.worker_count(strategy))
+        backup_dir = os.path.join(output_dir, "backup")
+        plan.check_resume(output_dir, run.record, bool(backup.list_backups(backup_dir)))
+        if chief:
+            outputs.write_run_files(output_dir, run.record, dataset)
+        _log_plan(run, dataset, train, weights, args)
+        show = verbose not in (0, False)
+        started = time.monotonic()
+        with _precision(args.mixed_precision):
+            if args.deterministic:
+                tf.config.experimental.enable_op_determinism()
+            keras.utils.set_random_seed(args.seed)  # reproducible random initialisation (weights=None)
+            with strategy.scope():
+                net = _build_model(model, weights, run, dataset.num_classes, args.jit_compile)
+                start = backup.restore(net, backup_dir, iterations_per_step=run.accumulation)
+            log = _fit(net, run, train, dataset, strategy, start, chief, backup_dir, list(callbacks), show)
+            scores = evaluation.evaluate(net, dataset.eval, dataset.num_classes, run.micro_batch, run.crop, strategy)
+            log.finish(run.total, scores)
+            with strategy.scope():
+                probs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(net.output)
+                trained = keras.Model(net.input, probs, name=net.name)
+        export_path, summary_path = outputs.write_outputs(trained, run, dataset, scores, output_dir, chief,
+                                                          export_dir, show, time.monotonic() - started, start)
+    return FinetuneResult(trained, scores["accuracy"], scores, log.history, output_dir, run.total, run.supports,
+                          (run.resize, run.crop), list(dataset.class_names), export_path, summary_path)
 
 
 def _environment():
@@ -227,22 +247,12 @@ def _load_data(data, args, eval_data, split, eval_split, data_dir, skip_bad_imag
     """Step 2: the data set (every image checked) and the training split actually used."""
     dataset = data_lib.load(data, eval_data=eval_data, split=split, eval_split=eval_split,
                             eval_fraction=args.eval_fraction, seed=args.seed, data_dir=data_dir,
-                            skip_bad_images=skip_bad_images)
+                            skip_bad_images=skip_bad_images, max_pixels=args.max_pixels)
     train = dataset.train
     if args.examples_per_class is not None:
         draw_seed = args.seed if args.examples_per_class_seed is None else args.examples_per_class_seed
         train = data_lib.few_shot(train, args.examples_per_class, dataset.num_classes, draw_seed)
     return dataset, train
-
-
-def _write_run_files(output_dir, run, dataset):
-    plan.write_record(output_dir, run.record)
-    with open(os.path.join(output_dir, CLASS_NAMES_FILE), "w", encoding="utf-8") as f:
-        f.write("\n".join(dataset.class_names) + "\n")
-    skipped = getattr(dataset, "skipped", None) or []
-    if skipped:
-        with open(os.path.join(output_dir, SKIPPED_FILE), "w", encoding="utf-8") as f:
-            f.write("\n".join(skipped) + "\n")
 
 
 def _log_plan(run, dataset, train, weights, args):
@@ -379,49 +389,3 @@ class _StopAfter(keras.callbacks.Callback):
         self.remaining -= 1
         if self.remaining <= 0:
             self.model.stop_training = True
-
-
-def _write_outputs(trained, run, dataset, scores, log, output_dir, chief, export_dir, show, seconds, start):
-    """Step 6: model.keras, results.json, summary.png and the optional SavedModel (chief only)."""
-    export_path = summary_path = None
-    if chief:
-        _save_model(trained, os.path.join(output_dir, "model.keras"))
-        results = {"steps": run.total, "trained_from_step": start, "seconds": round(seconds, 1),
-                   "eval": {k: scores[k] for k in ("loss", "accuracy", "top5_accuracy", "examples")},
-                   "confusion_matrix": scores["confusion_matrix"], "class_names": list(dataset.class_names)}
-        plan.write_json(os.path.join(output_dir, RESULTS_FILE), results, indent=1)
-        summary_path = _draw_summary(output_dir)
-    if show:
-        print(f"eval top-1 accuracy: {scores['accuracy']:.4f}, top-5: {scores['top5_accuracy']:.4f} "
-              f"({scores['examples']} examples, {run.total} steps, {seconds:.0f} s)", flush=True)
-    if export_dir is not None and chief:
-        from keras_bit.export import export_saved_model
-
-        export_path = export_saved_model(trained, export_dir, class_names=dataset.class_names)
-    return FinetuneResult(trained, scores["accuracy"], scores, log.history, output_dir, run.total, run.supports,
-                          (run.resize, run.crop), list(dataset.class_names), export_path, summary_path)
-
-
-def _save_model(model, path):
-    # Keras writes the archive in place; a temporary name keeps a kill from leaving half a model.keras.
-    tmp = os.path.join(os.path.dirname(path), ".model.tmp.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, f"Cannot write {path}: {e.strerror or e}. The run's weights are in its newest "
-                               "backup: free space and run the same command again to write the outputs.") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _draw_summary(output_dir):
-    from keras_bit.train import report
-
-    try:
-        return report.write_summary(output_dir)
-    except (OSError, ValueError) as e:  # the picture is a convenience: never fail a finished run on it
-        logger.warning("summary.png not drawn: %s", e)
-        return None
-

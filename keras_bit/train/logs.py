@@ -22,7 +22,7 @@ import time
 
 import keras
 
-from keras_bit.train.run_record import METRICS_COLUMNS, METRICS_FILE
+from keras_bit.train.run_record import METRICS_COLUMNS, METRICS_FILE, write_text
 from keras_bit.backend import tensorflow as _tensorflow
 
 tf = _tensorflow("Fine-tuning")
@@ -127,10 +127,7 @@ class RunLog(keras.callbacks.Callback):
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(sorted(self.rows, key=lambda r: int(r["step"])))
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", newline="") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, self.path)
+        write_text(self.path, buffer.getvalue())
 
     def _writer(self, name):
         if name not in self._writers:

@@ -13,22 +13,25 @@ Reference:
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
 import tempfile
 
+import numpy as np
+
 from keras_bit import presets
 from keras_bit.train import hyperrule
-from keras_bit.validation import check_positive_int
+from keras_bit.train.run_record import RUN_FILE, read_run_json
+from keras_bit.validation import check_positive_int, is_int
 
 logger = logging.getLogger("keras_bit")
 
-RUN_FILE = "run.json"
 POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16")
 TRAINABLE = ("all", "head")
 NUM_BLOCKS = 4
+# keras.utils.set_random_seed passes the seed to np.random.seed, which takes 0..2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 # Each setting that changes the trained weights: (run.json key, Python argument, CLI flag).
 # The fingerprints compare the examples themselves (files and labels), whatever selected them.
@@ -41,6 +44,7 @@ COMPARED = (
     ("eval_fraction", "eval_fraction", "--eval-fraction"),
     ("data_dir", "data_dir", "--data-dir"),
     ("skip_bad_images", "skip_bad_images", "--skip-bad-images"),
+    ("max_pixels", "max_pixels", "--max-pixels"),
     ("train_fingerprint", "data", "--data"),
     ("eval_fingerprint", "data", "--data"),
     ("class_names", "data", "--data"),
@@ -64,8 +68,8 @@ COMPARED = (
 
 
 # Settings that select other examples, and the digests that would then differ too.
-_SELECTING = frozenset({"data", "split", "eval_split", "eval_fraction", "data_dir", "skip_bad_images", "seed",
-                        "examples_per_class", "examples_per_class_seed"})
+_SELECTING = frozenset({"data", "split", "eval_split", "eval_fraction", "data_dir", "skip_bad_images", "max_pixels",
+                        "seed", "examples_per_class", "examples_per_class_seed"})
 _EXAMPLES = frozenset({"train_fingerprint", "eval_fingerprint", "class_names"})
 
 
@@ -129,33 +133,44 @@ class Arguments:
     checkpoint_every: int = None
     eval_every: int = None
     trainable: object = "all"
+    max_pixels: int = None
 
     def check(self):
-        """Raises `ValueError` naming the first bad argument, before any work is done."""
-        check_positive_int(self.batch_size, "batch_size")
-        check_positive_int(self.gradient_accumulation_steps, "gradient_accumulation_steps")
+        """Raises `ValueError` naming the first bad argument, before any work is done.
+
+        NumPy numbers are taken wherever Python ones are (as Keras takes them)
+        and converted here, so that run.json and the comparisons see plain values.
+        """
+        self.batch_size = check_positive_int(self.batch_size, "batch_size")
+        self.gradient_accumulation_steps = check_positive_int(self.gradient_accumulation_steps,
+                                                              "gradient_accumulation_steps")
         if self.batch_size % self.gradient_accumulation_steps:
             raise ValueError(
                 f"`batch_size` ({self.batch_size}) must be divisible by gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps})."
             )
-        for name in ("steps", "examples_per_class", "checkpoint_every", "eval_every"):
+        for name in ("steps", "examples_per_class", "checkpoint_every", "eval_every", "max_pixels"):
             if getattr(self, name) is not None:
-                check_positive_int(getattr(self, name), name)
+                setattr(self, name, check_positive_int(getattr(self, name), name))
         if self.steps is not None and self.steps < 5:
             raise ValueError(f"`steps` must be >= 5 (one per BiT-HyperRule phase). Received: steps={self.steps!r}")
         if self.examples_per_class_seed is not None and self.examples_per_class is None:
             raise ValueError("`examples_per_class_seed` seeds the few-shot draw: it needs `examples_per_class`.")
         for name in ("seed", "examples_per_class_seed"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"`{name}` must be a non-negative integer. Received: {name}={value!r}")
+            if value is not None and not (is_int(value) and 0 <= value <= MAX_SEED):
+                raise ValueError(f"`{name}` must be a non-negative integer below 2**32 (NumPy's seed range). "
+                                 f"Received: {name}={value!r}")
+            setattr(self, name, None if value is None else int(value))
         if self.base_lr is not None and not _is_real(self.base_lr, low=0.0, open_low=True):
             raise ValueError(f"`base_lr` must be a finite number > 0. Received: base_lr={self.base_lr!r}")
         if self.mixup is not None and not _is_real(self.mixup, low=0.0):
             raise ValueError(f"`mixup` (MixUp alpha) must be a finite number >= 0. Received: mixup={self.mixup!r}")
         if not _is_real(self.eval_fraction, low=0.0, open_low=True) or not self.eval_fraction < 1:
             raise ValueError(f"`eval_fraction` must be in (0, 1). Received: eval_fraction={self.eval_fraction!r}")
+        for name in ("base_lr", "mixup", "eval_fraction"):
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
         if self.mixed_precision not in POLICIES:
             raise ValueError(
                 f"`mixed_precision` must be one of {POLICIES}. Received: mixed_precision={self.mixed_precision!r}"
@@ -164,12 +179,14 @@ class Arguments:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False. Received: {name}={getattr(self, name)!r}")
         frozen_blocks(self.trainable)
+        if is_int(self.trainable):
+            self.trainable = int(self.trainable)
         if self.resolution is not None:
-            resolve_resolution(self.resolution, None)
+            self.resolution = resolve_resolution(self.resolution, None)
 
 
 def _is_real(value, low, open_low=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not (is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
         return False
     return value > low if open_low else value >= low
 
@@ -183,8 +200,8 @@ def frozen_blocks(trainable):
         return 0
     if trainable == "head":
         return NUM_BLOCKS + 1
-    if isinstance(trainable, int) and not isinstance(trainable, bool) and 1 <= trainable <= NUM_BLOCKS:
-        return trainable
+    if is_int(trainable) and 1 <= trainable <= NUM_BLOCKS:
+        return int(trainable)
     raise ValueError(
         '`trainable` must be "all" (default), "head" (linear probe: only the new head trains) or a block '
         f"number 1-{NUM_BLOCKS} (the root and the blocks below it stay frozen). Received: trainable={trainable!r}"
@@ -195,16 +212,14 @@ def resolve_resolution(resolution, image_size):
     """`(resize, crop)`: BiT-HyperRule's for `image_size` when `resolution` is None."""
     if resolution is None:
         return hyperrule.get_resolution(image_size)
-    if isinstance(resolution, int) and not isinstance(resolution, bool):
-        resolution = (resolution, resolution)
-    if (not isinstance(resolution, (tuple, list)) or len(resolution) != 2
-            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 32 for r in resolution)
-            or resolution[1] > resolution[0]):
+    pair = (resolution, resolution) if is_int(resolution) else resolution
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(is_int(r) and r >= 32 for r in pair)
+            or pair[1] > pair[0]):
         raise ValueError(
             "`resolution` must be None (BiT-HyperRule), an int >= 32, or (resize, crop) ints with "
             f"32 <= crop <= resize. Received: resolution={resolution!r}"
         )
-    return tuple(resolution)
+    return tuple(int(r) for r in pair)
 
 
 def check_model(model, weights):
@@ -277,7 +292,11 @@ def check_output_dir(output_dir):
     output_dir = os.path.abspath(os.fspath(output_dir))
     parent = os.path.dirname(output_dir)
     if not os.path.isdir(parent):
-        raise ValueError(f"The parent of `output_dir` does not exist: {parent}")
+        what = "is not a folder" if os.path.exists(parent) else "does not exist"
+        raise ValueError(f"The parent of `output_dir` {what}: {parent}")
+    if os.path.islink(output_dir) and not os.path.exists(output_dir):
+        raise ValueError(f"`output_dir` is a symbolic link that leads nowhere (a loop, or a missing target): "
+                         f"{output_dir} -> {os.readlink(output_dir)}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"`output_dir` is a file, not a folder: {output_dir}")
     created = not os.path.exists(output_dir)
@@ -293,22 +312,11 @@ def check_output_dir(output_dir):
     return output_dir
 
 
-def read_record(output_dir):
-    path = os.path.join(output_dir, RUN_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"Cannot read {path} ({e}): delete it with the backup to start over.") from e
-
-
 def check_resume(output_dir, record, has_backup):
     """Refuses to resume a backup made with other settings (or with no record of its settings)."""
     if not has_backup:
         return
-    previous = read_record(output_dir)
+    previous = read_run_json(output_dir)
     if previous is None:
         raise ValueError(
             f"{output_dir} holds a backup but no {RUN_FILE} describing its settings, so it cannot be resumed "
@@ -326,23 +334,6 @@ def check_resume(output_dir, record, has_backup):
         logger.warning(
             "Resuming under another environment (%s -> %s): the same settings, but the result will not be "
             "bit-identical to an uninterrupted run.", previous.get("environment"), record.get("environment"))
-
-
-def write_record(output_dir, record):
-    """Writes run.json atomically (other workers may read it while the chief writes)."""
-    write_json(os.path.join(output_dir, RUN_FILE), record)
-
-
-def write_json(path, value, indent=2):
-    """Writes `value` as JSON to `path` atomically: a kill leaves the old file or the new one, no temp file."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=indent)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @dataclasses.dataclass

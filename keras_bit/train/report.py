@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from keras_bit.train.run_record import INSTALL_HINT, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE, load_run
+from keras_bit.train.run_record import INSTALL_HINT, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE, load_run, temp_path
 
 logger = logging.getLogger("keras_bit")
 
@@ -90,7 +90,7 @@ def _save_atomically(figure, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # Same folder, so os.replace is a rename on one file system.
-    partial = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    partial = temp_path(os.path.join(folder, os.path.basename(path)))
     try:
         with open(partial, "wb") as f:
             figure.savefig(f, format="png")

@@ -1,15 +1,20 @@
-"""A fine-tuning run folder as written by `keras_bit.train.finetune`: its files, read and checked.
+"""A fine-tuning run folder as written by `keras_bit.train.finetune`: its files, how they are written, who holds it.
 
 - `metrics.csv`: one row per chunk of optimizer steps (see `METRICS_COLUMNS`);
   the three `val_*` cells are empty where no evaluation ran;
 - `results.json` (written when the run ends): `steps`, `eval` (`loss`,
   `accuracy`, `top5_accuracy`, `examples`), `confusion_matrix` (rows = true
-  class) and `class_names`;
-- `class_names.txt`: one name a line.
+  class), `class_names` and, once exported, `export_path`;
+- `class_names.txt`: one name a line;
+- `skipped_images.txt`: the image files left out (`skip_bad_images`), one a line;
+- `run.json`: the resolved settings, compared on resume (`keras_bit.train.plan`);
+- `run.lock`: present while a run holds the folder (`keras_bit.train.run_lock`).
 
 The names and columns are defined here once, for the writers (`logs`,
-`finetune`) and the reader (`report`). Only NumPy is used, never TensorFlow,
-so a run folder copied off a GPU or TPU machine can be read anywhere.
+`finetune`, `backup`) and the reader (`report`). Every file is written under a
+temporary name unique to the process and the call (`temp_path`) and renamed
+into place. Only NumPy and the standard library are used, never TensorFlow, so
+a run folder copied off a GPU or TPU machine can be read anywhere.
 """
 
 import csv
@@ -18,6 +23,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from typing import Optional
 
 import numpy as np
@@ -28,6 +34,13 @@ METRICS_FILE = "metrics.csv"
 RESULTS_FILE = "results.json"
 CLASS_NAMES_FILE = "class_names.txt"
 SUMMARY_FILE = "summary.png"
+SKIPPED_FILE = "skipped_images.txt"
+RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
+# Every file of a run folder is written under this prefix first (the backups' cleanup finds them by it).
+TEMP_PREFIX = ".writing-"
+# run.json holds the settings and class names: 21843 ImageNet-21k names are under 1 MB.
+_RUN_FILE_LIMIT = 64 << 20
 METRICS_COLUMNS = ("step", "loss", "accuracy", "learning_rate", "val_loss", "val_accuracy", "val_top5_accuracy")
 INSTALL_HINT = "pip install 'keras-bit[report]'"
 
@@ -256,3 +269,64 @@ def _class_names(path, names, run_dir, classes):
             f"{source}: {len(names)} class names for a {classes}x{classes} confusion matrix; expected {classes} names"
         )
     return names
+
+
+# --- Writing: atomic files under names no other process or call uses. ---
+
+
+def temp_path(path):
+    """Where to write `path` before renaming it into place: `.writing-<pid>-<random>-<name>` beside it.
+
+    Unique per process and per call, so two writers never share (or remove)
+    each other's partial file; the name keeps `path`'s ending, which Keras
+    needs (`.keras`, `.weights.h5`).
+    """
+    folder, name = os.path.split(os.fspath(path))
+    return os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-{name}")
+
+
+def write_text(path, text):
+    """Writes `text` (UTF-8) to `path` atomically: a kill leaves the old file or the new one, no temp file."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, value, indent=2):
+    """Writes `value` as JSON to `path` atomically (see `write_text`)."""
+    write_text(path, json.dumps(value, indent=indent))
+
+
+def write_run_json(run_dir, settings):
+    """Writes run.json atomically (other workers may read it while the chief writes)."""
+    write_json(os.path.join(run_dir, RUN_FILE), settings)
+
+
+def read_run_json(run_dir):
+    """The settings in `run_dir/run.json` (a dict), None when there is none; ValueError naming the file if bad."""
+    from keras_bit.io import read_json_object
+
+    path = os.path.join(os.fspath(run_dir), RUN_FILE)
+    if not os.path.lexists(path):
+        return None
+    try:
+        return read_json_object(path, _RUN_FILE_LIMIT, what="The run settings file")
+    except ValueError as e:
+        raise ValueError(f"{e} Delete it with the backup folder to start over, or choose another output "
+                         "directory.") from e
+
+
+def recorded_export(run_dir):
+    """The `export_path` results.json records (an existing folder), else None. Never raises for a bad file."""
+    try:
+        with open(os.path.join(os.fspath(run_dir), RESULTS_FILE), encoding="utf-8") as f:
+            path = json.load(f).get("export_path")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return path if isinstance(path, str) and os.path.isdir(path) else None
+
