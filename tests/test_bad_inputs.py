@@ -2,7 +2,7 @@
 
 Cases tested elsewhere, by the module that owns them:
 - model building (unknown names, input < 32 px, 1 or 4 channels with pretrained
-  weights, classes <= 0): test_resnet_v2.py::test_argument_errors;
+  weights, classes <= 0): test_models_bit.py (the ERRORS table) and test_models_resnet_v2.py;
 - checkpoints (truncated, corrupt, wrong architecture, wrong dtype, NaN, nothing
   half-loaded): test_checkpoints.py;
 - data (empty folder, non-image files, a class below K examples, labels out of
