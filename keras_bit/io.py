@@ -1,13 +1,16 @@
-"""The lowest layer for files from outside (TF-free): what may be opened, and how much of it may be read.
+"""The lowest layer for files (TF-free): what may be opened, how much of it may be read, and atomic writes.
 
 A weights file, a Hub config or a labels file is hostile until proven
 otherwise: a FIFO or a device never delivers a file's end (the reader would
 hang), and a text file may be any size. Readers call these before opening.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import stat
+import uuid
 
 
 def check_regular_file(path, what="file"):
@@ -59,3 +62,81 @@ def read_json_object(path, limit, what="JSON file"):
     if not isinstance(value, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, not a {type(value).__name__}.")
     return value
+
+
+# --- Writing: every file keras_bit writes goes through here (temp name beside it, then one rename). ---
+
+TEMP_PREFIX = ".writing-"
+
+
+def temp_path(path):
+    """Where to write `path` before renaming it into place: `.writing-<pid>-<random>-<name>` beside it.
+
+    Unique per process and per call, so two writers never share (or remove)
+    each other's partial file; the name keeps `path`'s ending, which Keras
+    needs (`.keras`, `.weights.h5`). Same folder, so the rename stays on one
+    file system and is atomic.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    return os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-{name}")
+
+
+def fsync_path(path):
+    """Flushes a file or folder (a folder: the names in it) to disk; file systems that cannot are ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path, durable=False):
+    """Yields a temporary path beside `path`; when the block ends without error it is renamed to `path`.
+
+    A kill or an error leaves the old `path` or the new one, never half a file,
+    and no temporary file behind (a file or a folder, whichever the block
+    wrote). `durable=True` also flushes the file and its folder to disk (a
+    backup that must survive a power cut).
+
+    Example:
+        >>> with atomic_path("model.keras") as tmp:
+        ...     model.save(tmp)
+    """
+    path = os.fspath(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        if not os.path.lexists(tmp):
+            raise FileNotFoundError(f"Nothing was written for {path}")
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+        if durable:
+            fsync_path(os.path.dirname(os.path.abspath(path)))
+    finally:
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path, data, durable=False):
+    """Writes `data` to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path, durable=durable) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(path, text, durable=False):
+    """Writes `text` (UTF-8, newlines as given) to `path` atomically (see `atomic_path`)."""
+    write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+def write_json(path, value, indent=2):
+    """Writes `value` as JSON to `path` atomically (see `atomic_path`)."""
+    write_text(path, json.dumps(value, indent=indent))
