@@ -6,11 +6,17 @@ hang), and a text file may be any size. Readers call these before opening.
 """
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import stat
 import uuid
+
+# Largest image (height x width) decoded by default, everywhere an image is decoded (fine-tuning folders,
+# `keras-bit predict`, serving): about 0.5 GB of working memory per image.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 
 def check_regular_file(path, what="file"):
@@ -79,6 +85,14 @@ def temp_path(path):
     """
     folder, name = os.path.split(os.fspath(path))
     return os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-{name}")
+
+
+def temp_paths_of(path):
+    """The temporary paths of `path` (see `temp_path`) that exist now: partial files, in progress or left by a kill."""
+    folder, name = os.path.split(os.fspath(path))
+    pattern = re.compile(re.escape(TEMP_PREFIX) + r"[0-9]+-[0-9a-f]{12}-" + re.escape(name))
+    candidates = glob.glob(os.path.join(glob.escape(folder), glob.escape(TEMP_PREFIX) + "*-" + glob.escape(name)))
+    return sorted(c for c in candidates if pattern.fullmatch(os.path.basename(c)))
 
 
 def fsync_path(path):

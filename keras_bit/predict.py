@@ -55,10 +55,10 @@ def load_classifier(spec, activation="auto"):
     model name such as "BiT-M-R50x1". `activation`: see
     `keras_bit.export.serving.needs_softmax` (not for exports: theirs is fixed).
     """
-    from keras_bit.export import runtimes, serving
-    from keras_bit.train.run_record import CLASS_NAMES_FILE
+    from keras_bit.export import labels, runtimes, serving
+    from keras_bit.train.run_dir import RunDir
 
-    if runtimes.format_of(spec):
+    if runtimes.export_format(spec):
         if activation != "auto":
             raise ValueError(f"activation={activation!r} (--activation) is for a .keras model or a BiT name: the "
                              f"export {spec} applies the activation it was exported with")
@@ -72,11 +72,11 @@ def load_classifier(spec, activation="auto"):
                                 ".onnx or .xml file, or a BiT model name)")
     model = load_model(spec)
     served = serving.serving_model(model, activation=activation)
-    beside = os.path.join(os.path.dirname(os.path.abspath(spec)), CLASS_NAMES_FILE)
+    beside = RunDir(os.path.dirname(os.path.abspath(spec))).class_names_txt
     if spec.endswith(".keras") and os.path.isfile(beside):  # a fine-tuning run's output folder
-        names = serving.read_labels(beside)
+        names = labels.read_labels(beside)
     else:
-        names = serving.imagenet_class_names(int(model.output_shape[-1]))
+        names = labels.imagenet_class_names(int(model.output_shape[-1]))
     return (lambda images: {k: np.asarray(v) for k, v in served(images).items()}), names
 
 
@@ -99,11 +99,11 @@ def expand_paths(paths):
 
 def decode_file(path, max_pixels):
     """uint8 `(h, w, 3)` pixels of one image file; ValueError / OSError saying what is wrong with it."""
-    import tensorflow as tf
-
+    from keras_bit.backend import tensorflow
     from keras_bit.console import native_stderr_silenced
     from keras_bit.export import image_decode
 
+    tf = tensorflow("Decoding image files")
     if os.path.isdir(path):
         os.listdir(path)  # an unreadable folder says so (PermissionError)
         raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in this folder")
@@ -145,11 +145,11 @@ def _decode(data, max_pixels):
 
 def _graph(name):
     """The bounded decoder as a traced `tf.function` (its GIF walk is a loop: fast in a graph, slow eagerly)."""
-    import tensorflow as tf
-
+    from keras_bit.backend import tensorflow
     from keras_bit.export import image_decode
 
     if name not in _GRAPHS:
+        tf = tensorflow("Decoding image files")
         data = tf.TensorSpec([], tf.string)
         _GRAPHS["size"] = tf.function(image_decode.image_size, input_signature=[data])
         _GRAPHS["decode"] = tf.function(lambda d, m: image_decode.decode(d, m),
@@ -182,13 +182,12 @@ def predict_files(paths, model, top=5, max_pixels=None, activation="auto"):
         "label"}, ...]}` or `{"image": path, "error": message}`.
     """
     from keras_bit.backend import tensorflow
-    from keras_bit.export.image_decode import DEFAULT_MAX_PIXELS
+    from keras_bit.io import DEFAULT_MAX_PIXELS
     from keras_bit.validation import check_positive_int
 
     tensorflow("Prediction from image files")
-    check_positive_int(top, "top")
-    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    check_positive_int(max_pixels, "max_pixels")
+    top = check_positive_int(top, "top")
+    max_pixels = check_positive_int(DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, "max_pixels")
     classify, names = load_classifier(model, activation)
     files = expand_paths(paths)
     results = [{"image": path} for path in files]
@@ -197,7 +196,7 @@ def predict_files(paths, model, top=5, max_pixels=None, activation="auto"):
     def run(items):
         try:
             probabilities = classify(np.stack([image for _, image in items]))["probabilities"]
-        except Exception as e:  # a runtime failure on this batch: its files are reported, the others go on
+        except Exception as e:  # noqa: BLE001 - a runtime's failure on this batch: its files are reported
             for i, _ in items:
                 results[i]["error"] = f"the model failed on this image ({str(e).strip()[:200] or type(e).__name__})"
             return

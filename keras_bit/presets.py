@@ -33,7 +33,7 @@ class Architecture:
 
     @property
     def spec(self):
-        """`(block_units, width_factor, base_width, groups)`, with the authors' root width 64 and 32 GroupNorm groups."""
+        """`(block_units, width_factor, base_width, groups)`: the authors' root width 64, 32 GroupNorm groups."""
         return (self.block_units, self.width_factor, 64, 32)
 
 
@@ -62,10 +62,6 @@ class Preset:
             None where not published.
         bucket_path: file in the authors' bucket (relative to `BASE_URL`).
         hub: Hugging Face Hub repositories publishing the same weights.
-        interpolation: resize method of its evaluation preprocessing.
-        crop_pct: fraction of the resized image kept by the centre crop of
-            its evaluation preprocessing; 1.0 is BiT's rule (resize the whole
-            image to `resolution`, no crop).
         size: file size in bytes, where established; checked on download.
         sha256: file digest, where established; checked on download.
     """
@@ -77,8 +73,6 @@ class Preset:
     resolution: int = UPSTREAM_RESOLUTION
     bucket_path: str = None
     hub: tuple = ()
-    interpolation: str = "bilinear"
-    crop_pct: float = 1.0
     size: int = None
     sha256: str = None
 
@@ -123,26 +117,23 @@ def _build_registry():
     for arch in ARCHITECTURES:
         table.append(Preset(f"BiT-S-{arch}", "imagenet", "ILSVRC-2012 (BiT-S upstream)", IMAGENET_CLASSES,
                             bucket_path=f"BiT-S-{arch}.npz"))
-        # timm evaluates its copies of the upstream models with a 0.875 centre crop.
         table.append(Preset(f"BiT-M-{arch}", "imagenet21k", "ImageNet-21k (BiT-M upstream)", IMAGENET21K_CLASSES,
-                            bucket_path=f"BiT-M-{arch}.npz", hub=(_timm(arch, "goog_in21k"),), crop_pct=0.875))
+                            bucket_path=f"BiT-M-{arch}.npz", hub=(_timm(arch, "goog_in21k"),)))
         # The authors fine-tuned at 480 px (BiT-HyperRule); timm evaluates these at 448 (R152x4: 480).
         hub = (_timm(arch, "goog_in21k_ft_in1k"),) + (("google/bit-50",) if arch == "R50x1" else ())
         table.append(Preset(f"BiT-M-{arch}", "imagenet", "ImageNet-21k, fine-tuned on ILSVRC-2012",
                             IMAGENET_CLASSES, FINETUNED_RESOLUTION, bucket_path=f"BiT-M-{arch}-ILSVRC2012.npz",
                             hub=hub))
     # R50x1 students distilled on ILSVRC-2012 from the BiT-M-R152x2 teacher (Beyer et al., arXiv 2106.05237),
-    # and the teachers; timm's copies are evaluated with bicubic resizing.
+    # and the teachers.
     for size in (224, 160):
         hub = (_timm("R50x1", "goog_distilled_in1k"),) if size == 224 else ()
         table.append(Preset("BiT-M-R50x1", f"imagenet-distilled-{size}", f"distilled from BiT-M-R152x2 at {size} px",
-                            IMAGENET_CLASSES, size, bucket_path=f"distill/R50x1_{size}.npz", hub=hub,
-                            interpolation="bicubic", crop_pct=0.875))
-    for size, tag, crop_pct in ((224, "goog_teacher_in21k_ft_in1k", 0.875),
-                                (384, "goog_teacher_in21k_ft_in1k_384", 1.0)):
+                            IMAGENET_CLASSES, size, bucket_path=f"distill/R50x1_{size}.npz", hub=hub))
+    for size, tag in ((224, "goog_teacher_in21k_ft_in1k"), (384, "goog_teacher_in21k_ft_in1k_384")):
         table.append(Preset("BiT-M-R152x2", f"imagenet-teacher-{size}", f"distillation teacher at {size} px",
                             IMAGENET_CLASSES, size, bucket_path=f"distill/R152x2_T_{size}.npz",
-                            hub=(_timm("R152x2", tag),), interpolation="bicubic", crop_pct=crop_pct))
+                            hub=(_timm("R152x2", tag),)))
     for model in VTAB_MODELS:
         for run in VTAB_RUNS:
             for task in VTAB_TASKS:
@@ -194,7 +185,8 @@ def find(model, weights):
 
 def markdown_table():
     """The registry as the README's Markdown table (one row per model and name; VTAB runs and tasks folded)."""
-    rows = ["| model | `weights=` | trained on | classes | px | also on the Hugging Face Hub |", "|---|---|---|---|---|---|"]
+    rows = ["| model | `weights=` | trained on | classes | px | also on the Hugging Face Hub |",
+            "|---|---|---|---|---|---|"]
     for model in MODEL_NAMES:
         vtab = [p for p in list_presets(model) if p.weights.startswith("vtab/")]
         for p in list_presets(model):

@@ -29,7 +29,7 @@ def test_every_format_equals_the_keras_model(model, tmp_path, rng, fmt):
         out = exported(images)
         expected = keras_probabilities(model, images)
         assert np.ptp(expected) > 1e-3  # the outputs depend on the input: agreement means something
-        assert list(out)[0] == "probabilities" and set(out) == {"probabilities", "top_k_indices", "top_k_scores"}
+        assert next(iter(out)) == "probabilities" and set(out) == {"probabilities", "top_k_indices", "top_k_scores"}
         np.testing.assert_allclose(out["probabilities"], expected, atol=1e-4)
         np.testing.assert_array_equal(out["top_k_indices"], np.argsort(-expected, axis=1, kind="stable")[:, :3])
         np.testing.assert_allclose(out["top_k_scores"], np.sort(expected, axis=1)[:, ::-1][:, :3], atol=1e-4)

@@ -8,6 +8,7 @@ written once for the module.
 """
 
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -18,7 +19,8 @@ import pytest
 
 from helpers import EXPORT_CLASSES, export_classifier
 from keras_bit.export import ExportError, export_model, export_saved_model, load_exported, read_labels, runners
-from keras_bit.export import runtimes, serving
+from keras_bit.export import runtimes
+from keras_bit.export.labels import MAX_LABELS_BYTES
 
 FILES = {"onnx": "m.onnx", "litert": "m.tflite", "openvino": "m.xml"}
 RUNTIMES = {"onnx": "onnxruntime", "litert": "ai_edge_litert", "openvino": "openvino"}
@@ -118,10 +120,10 @@ def test_without_the_runtime_the_file_is_written_with_one_warning(model, tmp_pat
     fake_converter(monkeypatch)
     no_runtime(monkeypatch, "onnx")
     path = export_model(model, tmp_path / "m.onnx", "onnx")
-    assert open(path, "rb").read() == b"not a model"
+    assert pathlib.Path(path).read_bytes() == b"not a model"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [f"keras_bit_no_such_runtime is not installed: the onnx export {path} was not test-run "
-                        "(pip install 'keras-bit[export]')."]
+    assert warnings == [(f"keras_bit_no_such_runtime is not installed: the onnx export {path} was not test-run "
+                         "(pip install 'keras-bit[export]').")]
 
 
 @pytest.mark.parametrize("outputs, message", [
@@ -233,7 +235,7 @@ def test_a_labels_fifo_folder_or_huge_file_is_refused_without_reading_it(tmp_pat
     fifo, huge = tmp_path / "names.fifo", tmp_path / "huge.txt"
     os.mkfifo(fifo)
     with open(huge, "wb") as f:
-        f.truncate(serving.MAX_LABELS_BYTES + 1)  # sparse: nothing is written
+        f.truncate(MAX_LABELS_BYTES + 1)  # sparse: nothing is written
     outcome = {}
 
     def read(path):
@@ -251,7 +253,7 @@ def test_a_labels_fifo_folder_or_huge_file_is_refused_without_reading_it(tmp_pat
             pytest.fail(f"read_labels({path}) hangs")
     assert outcome[fifo] == f"class names file {fifo} is a FIFO, not a regular file."
     assert outcome[tmp_path] == f"class names file {tmp_path} is a folder, not a regular file."
-    assert outcome[huge].startswith(f"class names file {huge} is {serving.MAX_LABELS_BYTES + 1} bytes; at most")
+    assert outcome[huge].startswith(f"class names file {huge} is {MAX_LABELS_BYTES + 1} bytes; at most")
 
 
 def test_a_bad_labels_file_beside_an_export_is_named(exported, tmp_path):
@@ -273,9 +275,9 @@ def _damage(exported, tmp_path, fmt, how):
     """A damaged copy of the real `fmt` export in `tmp_path`; returns its path."""
     source = exported[fmt]
     target = tmp_path / os.path.basename(source)
-    data = open(source, "rb").read()
+    data = pathlib.Path(source).read_bytes()
     if fmt == "openvino":
-        bin_data = open(os.path.splitext(source)[0] + ".bin", "rb").read()
+        bin_data = pathlib.Path(os.path.splitext(source)[0] + ".bin").read_bytes()
         if how != "no .bin":
             (tmp_path / "m.bin").write_bytes(bin_data[:1000] if how == "truncated .bin" else bin_data)
     damaged = {"truncated": data[:len(data) // 2], "header only": data[:64], "empty": b"",

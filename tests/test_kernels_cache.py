@@ -11,6 +11,7 @@ compiling, copies the session's library, fails, or writes garbage.
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import signal
 import stat
@@ -123,7 +124,8 @@ def _probe(keras_home, fake_bin=None, mode=None, **env):
     env.pop(kernels.ENV_SWITCH, None)
     if mode:
         env.update(PATH=f"{fake_bin}{os.pathsep}{env['PATH']}", FAKE_CXX=mode)
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-c", PROBE], check=False, capture_output=True, text=True, env=env,
+                          timeout=600)
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])  # a SIGBUS is -7
     result = json.loads(done.stdout.strip().splitlines()[-1])
     fused, ops_path = result["1"], result["0"]
@@ -179,9 +181,10 @@ REFUSED = {  # damage -> what the refusal must say (the file is always named)
     "record a link to /dev/zero": (lambda c, t, f: _replace(c.record, lambda p: os.symlink("/dev/zero", p)),
                                    "kernel record"),
     "record missing": (lambda c, t, f: os.remove(c.record), "kernel record"),
-    "record garbage": (lambda c, t, f: open(c.record, "wb").write(b"\x00{garbage"), "kernel record"),
-    "record a list": (lambda c, t, f: open(c.record, "w").write("[1, 2]"), "kernel record"),
-    "record huge": (lambda c, t, f: open(c.record, "w").write("{}" + " " * cache.RECORD_LIMIT), "kernel record"),
+    "record garbage": (lambda c, t, f: pathlib.Path(c.record).write_bytes(b"\x00{garbage"), "kernel record"),
+    "record a list": (lambda c, t, f: pathlib.Path(c.record).write_text("[1, 2]"), "kernel record"),
+    "record huge": (lambda c, t, f: pathlib.Path(c.record).write_text("{}" + " " * cache.RECORD_LIMIT),
+                    "kernel record"),
     "record a folder": (lambda c, t, f: _replace(c.record, os.mkdir), "kernel record"),
     "record a FIFO": (lambda c, t, f: _replace(c.record, os.mkfifo), "kernel record"),  # never opened: no hang
     "record for another build": (lambda c, t, f: _edit_record(c, key="0" * 64), "key is"),
@@ -230,8 +233,8 @@ REBUILT = {
     "another valid library, stale record": lambda c, t, f: shutil.copy(f, c.path),
     "another valid library with a record that matches it": lambda c, t, f: (
         shutil.copy(f, c.path), _edit_record(c, size=os.path.getsize(f), sha256=hashlib.sha256(
-            open(f, "rb").read()).hexdigest())),  # loads, but lacks the ops: it was an AttributeError
-    "garbage record": lambda c, t, f: open(c.record, "wb").write(b"\xff\xfe not json"),
+            pathlib.Path(f).read_bytes()).hexdigest())),  # loads, but lacks the ops: it was an AttributeError
+    "garbage record": lambda c, t, f: pathlib.Path(c.record).write_bytes(b"\xff\xfe not json"),
     "missing record (a cache from before records)": lambda c, t, f: os.remove(c.record),
     "library a link to a truncated copy": lambda c, t, f: _link_to_half(c, t),
 }
@@ -293,8 +296,8 @@ LOAD_AFTER_CHANGE = textwrap.dedent("""
 def test_the_bytes_verified_are_the_bytes_loaded(home, tmp_path):
     keras_home, _ = home
     shutil.copytree(keras_home, tmp_path / "control")
-    runs = {arm: subprocess.run([sys.executable, "-c", LOAD_AFTER_CHANGE, arm], capture_output=True, text=True,
-                                env={**os.environ, "KERAS_HOME": str(where)}, timeout=300)
+    runs = {arm: subprocess.run([sys.executable, "-c", LOAD_AFTER_CHANGE, arm], check=False, capture_output=True,
+                                text=True, env={**os.environ, "KERAS_HOME": str(where)}, timeout=300)
             for arm, where in (("memfd", keras_home), ("control", tmp_path / "control"))}
     assert runs["memfd"].returncode == 0, runs["memfd"].stderr[-3000:]
     assert float(runs["memfd"].stdout.split()[-1]) == 0.0  # constant input: normalised to 0, beta 0

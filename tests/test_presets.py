@@ -39,7 +39,6 @@ def _problems(p):
         "classes": (p.classes is None if _vtab(p)
                     else p.classes in (presets.IMAGENET_CLASSES, presets.IMAGENET21K_CLASSES)),
         "resolution": p.resolution is None if _vtab(p) else p.resolution in (160, 224, 384, 480),
-        "eval preprocessing": 0 < p.crop_pct <= 1 and p.interpolation in ("bilinear", "bicubic"),
         "size": p.size is None or (isinstance(p.size, int) and p.size > 0),
         "sha256": p.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", p.sha256) is not None,
     }

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import os
+import pathlib
 import socketserver
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 import keras_bit
 import reference
 from helpers import TINY, TINY_SIZE, images, relative_error, tiny_checkpoint
+from keras_bit import io
 from keras_bit.presets import Preset
 from keras_bit.weights import download
 
@@ -71,7 +73,8 @@ def raw_server():
 
 
 def _leftovers(folder):
-    return sorted(name for name in os.listdir(folder) if ".part-" in name) if os.path.isdir(folder) else []
+    return (sorted(name for name in os.listdir(folder) if ".part-" in name or name.startswith(io.TEMP_PREFIX))
+            if os.path.isdir(folder) else [])
 
 
 def test_fetch_file_url_then_cache(tmp_path):
@@ -80,7 +83,7 @@ def test_fetch_file_url_then_cache(tmp_path):
     path = download.fetch(source.as_uri(), "f.bin", "sub", cache_dir=tmp_path / "cache", size=len(PAYLOAD),
                           sha256=hashlib.sha256(PAYLOAD).hexdigest())
     assert path == str(tmp_path / "cache" / "sub" / "f.bin")
-    assert open(path, "rb").read() == PAYLOAD
+    assert pathlib.Path(path).read_bytes() == PAYLOAD
     source.unlink()  # cached: the source is no longer needed
     assert download.fetch(source.as_uri(), "f.bin", "sub", cache_dir=tmp_path / "cache") == path
     assert _leftovers(tmp_path / "cache" / "sub") == []
@@ -90,7 +93,7 @@ def test_fetch_http(tmp_path, file_server):
     url, www = file_server
     (www / "f.bin").write_bytes(PAYLOAD)
     path = download.fetch(f"{url}/f.bin", "f.bin", "sub", cache_dir=tmp_path / "cache", size=len(PAYLOAD))
-    assert open(path, "rb").read() == PAYLOAD
+    assert pathlib.Path(path).read_bytes() == PAYLOAD
     assert _leftovers(tmp_path / "cache" / "sub") == []
     with pytest.raises(keras_bit.DownloadError, match=rf"Could not download {url}/missing.bin \(.+\)\. "):
         download.fetch(f"{url}/missing.bin", "missing.bin", "sub", cache_dir=tmp_path / "cache")
@@ -125,7 +128,7 @@ def test_broken_answer_is_download_error(tmp_path, raw_server, answer):
 @pytest.mark.parametrize("answer", sorted(BROKEN_ANSWERS))
 def test_broken_answer_leaves_nothing(tmp_path, raw_server, answer):
     url = raw_server(BROKEN_ANSWERS[answer])
-    with pytest.raises(Exception):
+    with pytest.raises(keras_bit.DownloadError):
         download.fetch(url, "f.bin", "sub", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache" / "sub" / "f.bin").exists()
     assert _leftovers(tmp_path / "cache" / "sub") == []
@@ -188,13 +191,18 @@ def test_stale_partial_files_removed_fresh_kept(tmp_path):
     source.write_bytes(PAYLOAD)
     folder = tmp_path / "cache" / "sub"
     folder.mkdir(parents=True)
-    stale, fresh = folder / "f.bin.part-0123456789ab", folder / "f.bin.part-ba9876543210"
-    stale.write_bytes(b"killed download")
-    fresh.write_bytes(b"download in progress")
+    stale, fresh = folder / f"{io.TEMP_PREFIX}12-0123456789ab-f.bin", folder / f"{io.TEMP_PREFIX}34-ba9876543210-f.bin"
+    old_name = folder / "f.bin.part-0123456789ab"  # the name earlier versions gave partial downloads
+    other = folder / f"{io.TEMP_PREFIX}12-0123456789ab-a-f.bin"  # another file's partial download
+    for path, content in ((stale, b"killed download"), (fresh, b"download in progress"), (old_name, b"killed"),
+                          (other, b"another file")):
+        path.write_bytes(content)
     an_hour_ago = time.time() - download.STALE_PARTIAL_SECONDS - 60
-    os.utime(stale, (an_hour_ago, an_hour_ago))
+    for path in (stale, old_name, other):
+        os.utime(path, (an_hour_ago, an_hour_ago))
     download.fetch(source.as_uri(), "f.bin", "sub", cache_dir=tmp_path / "cache")
-    assert not stale.exists() and fresh.read_bytes() == b"download in progress"
+    assert not stale.exists() and not old_name.exists() and fresh.read_bytes() == b"download in progress"
+    assert other.read_bytes() == b"another file"
     assert (folder / "f.bin").read_bytes() == PAYLOAD
 
 

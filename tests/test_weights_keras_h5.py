@@ -65,7 +65,7 @@ def test_round_trip(tmp_path, rng):
 
 def test_nan_refused_naming_dataset_and_file(tmp_path):
     _, path = _saved(tmp_path)
-    key = sorted(k for k in _datasets(path) if k.startswith("layers/standardized_conv2d_3/"))[0]
+    key = min(k for k in _datasets(path) if k.startswith("layers/standardized_conv2d_3/"))
     with h5py.File(path, "r+") as f:
         data = f[key][()]
         data.flat[7] = np.nan

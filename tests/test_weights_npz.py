@@ -88,8 +88,8 @@ def test_new_classes_load_backbone_and_zero_head(tmp_path, rng, caplog):
     with caplog.at_level(logging.WARNING, logger="keras_bit"):
         model = tiny_model(weights=str(tmp_path / "t.npz"), classes=3)
     assert [r.getMessage() for r in caplog.records if "zero-initialised" in r.getMessage()] == [
-        f"Loaded the backbone of {tmp_path / 't.npz'}; the head is new and zero-initialised with 3 classes "
-        "(the checkpoint has 10)."
+        (f"Loaded the backbone of {tmp_path / 't.npz'}; the head is new and zero-initialised with 3 classes "
+         "(the checkpoint has 10).")
     ]
     head = model.get_layer("head")
     assert head.kernel.shape == (1024, 3) and not np.any(head.kernel.numpy()) and not np.any(head.bias.numpy())

@@ -1,6 +1,7 @@
 """timm checkpoints (`.safetensors`, timm's ResNetV2 key layout), local and through `hf://` handles."""
 
 import json
+import pathlib
 import struct
 
 import keras
@@ -94,7 +95,7 @@ def test_full_r50x1_hub_handle_parity(hub):
     """`BiTM_R50x1(weights="hf://timm/...")` from the Hugging Face cache equals the reference (full size, 64 px)."""
     d = reference.random_checkpoint(R50, classes=21843, seed=11)
     hub_repo(hub, TIMM_R50X1_IN21K, {"config.json": timm_config(), "model.safetensors": reference.to_timm(d)})
-    source = sources.fetch(sources.resolve("hf://" + TIMM_R50X1_IN21K))
+    source = sources.fetch(sources.resolve_source("hf://" + TIMM_R50X1_IN21K))
     assert (source.format, source.classes, source.resolution) == ("timm", 21843, 224)
     model = keras_bit.BiTM_R50x1(weights="hf://" + TIMM_R50X1_IN21K, input_shape=(64, 64, 3),
                                  classifier_activation=None)
@@ -182,7 +183,7 @@ def test_bfloat16_tensor_loads_exactly_as_float32(tmp_path):
 @pytest.mark.parametrize("keep", [0.0, 0.5, 0.999])
 def test_truncated_file_named(tmp_path, keep):
     path = _write_timm(tmp_path / "model.safetensors", tiny_weights())
-    data = open(path, "rb").read()
+    data = pathlib.Path(path).read_bytes()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: int(len(data) * keep)])
     model = tiny_model(classes=10)

@@ -12,11 +12,13 @@ from keras_bit.backend import tensorflow as _tensorflow
 
 _tensorflow("Model export")  # BackendError (not ModuleNotFoundError) without TensorFlow or on another backend
 
+from keras_bit.export.artifact import next_version  # noqa: E402
+from keras_bit.export.folding import fold_standardization  # noqa: E402
 from keras_bit.export.formats import EXTENSIONS, FORMATS, QUANTIZATIONS, ExportError, export_model  # noqa: E402
+from keras_bit.export.labels import imagenet_class_names, labels_path, read_labels  # noqa: E402
 from keras_bit.export.runtimes import Exported, load_exported  # noqa: E402
 from keras_bit.export.saved_model import DEFAULT_EXPORT_DIR, DEFAULT_MAX_PIXELS, export_saved_model  # noqa: E402
-from keras_bit.export.serving import (  # noqa: E402
-    fold_standardization, imagenet_class_names, labels_path, next_version, read_labels, serving_model)
+from keras_bit.export.serving import serving_model  # noqa: E402
 
 __all__ = ["DEFAULT_EXPORT_DIR", "DEFAULT_MAX_PIXELS", "EXTENSIONS", "FORMATS", "QUANTIZATIONS", "ExportError",
            "Exported", "export_model", "export_saved_model", "fold_standardization", "imagenet_class_names",

@@ -20,9 +20,9 @@ import numpy as np
 
 from keras_bit import kernels
 from keras_bit.backend import require
-from keras_bit.console import native_stderr_silenced
 from keras_bit.backend import tensorflow as _tensorflow
-from keras_bit.export import runtimes, saved_model, serving
+from keras_bit.console import native_stderr_silenced
+from keras_bit.export import artifact, labels, runtimes, saved_model, serving
 from keras_bit.export.runtimes import EXTENSIONS, ExportError  # noqa: F401 (ExportError: public from here too)
 
 tf = _tensorflow("Model export")
@@ -132,15 +132,15 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
     dtype = quantization if format == "tf_saved_model" else "float32"
     served = serving.serving_model(model, image_size, top_k, activation, dtype=dtype)
     classes = int(model.output_shape[-1])
-    class_names = serving.check_class_names(class_names, classes)
+    class_names = labels.check_class_names(class_names, classes)
     if class_names is None:
-        class_names = serving.imagenet_class_names(classes)
-    targets = [path] if format == "tf_saved_model" else [path, serving.labels_path(path, format)]
+        class_names = labels.imagenet_class_names(classes)
+    targets = [path] if format == "tf_saved_model" else [path, labels.labels_path(path, format)]
     targets += [os.path.splitext(path)[0] + ".bin"] if format == "openvino" else []
     existing = [os.fspath(t) for t in targets if os.path.lexists(t)]
     if existing and not overwrite:  # refused before the (slow) conversion
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite) to replace")
-    serving.check_replaceable(path, folder=format == "tf_saved_model")
+    artifact.check_replaceable(path, folder=format == "tf_saved_model")
 
     def write(tmp):
         if format == "tf_saved_model":
@@ -154,9 +154,9 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
                             what=f"{quantization} {format}" if quantization else format,
                             advice=" Export with quantization='float16' (or none) instead; benchmarks/RESULTS.md "
                                    "records where this happens." if quantization == "int8" else "")
-        serving.write_labels(tmp, format, class_names)
+        labels.write_labels(tmp, format, class_names)
 
-    path = serving.write_atomically(path, write, overwrite=overwrite, replaces=targets[1:])
+    path = artifact.write_atomically(path, write, overwrite=overwrite, replaces=targets[1:])
     logger.info("Exported %s as %s to %s", model.name, format, path)
     return path
 

@@ -18,9 +18,9 @@ Reference: the GIF89a specification (block layout), RFC 9649 (WebP container).
 
 import tensorflow as tf
 
+from keras_bit.io import DEFAULT_MAX_PIXELS  # noqa: F401 (re-exported: the decoders' default bound)
+
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
-# Largest image (height x width) decoded by default: about 0.5 GB of working memory per image.
-DEFAULT_MAX_PIXELS = 40_000_000
 _GIF_IMAGE, _GIF_EXTENSION, _GIF_TRAILER = 0x2C, 0x21, b"\x3b"
 # Sub-blocks walked to find the end of a GIF's first image: 2**18 covers 66 MB of image data in full 255-byte
 # sub-blocks (a 40-megapixel frame compresses to less) and bounds the walk to a few seconds of CPU.
@@ -175,8 +175,8 @@ def decode(data, max_pixels=DEFAULT_MAX_PIXELS, dct_fit=None):
     fits = tf.logical_and(tf.reduce_all(decoded <= max_pixels), decoded[0] * decoded[1] <= max_pixels)
     allowed = tf.debugging.Assert(
         tf.logical_and(tf.reduce_all(size >= 0), fits),
-        [f"image_bytes: not a readable {'/'.join(FORMATS)} file, or more than max_pixels={max_pixels} pixels; "
-         "(height, width) =", size])
+        [(f"image_bytes: not a readable {'/'.join(FORMATS)} file, or more than max_pixels={max_pixels} pixels; "
+          "(height, width) ="), size])
     with tf.control_dependencies([allowed]):
         data = tf.cond(_prefix(raw, b"GIF8"),
                        lambda: tf.strings.substr(data, 0, tf.cast(gif_end, tf.int32)) + _GIF_TRAILER,

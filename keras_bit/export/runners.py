@@ -101,6 +101,6 @@ def main(argv):
     images = np.load(io.BytesIO(sys.stdin.buffer.read()))
     try:
         run_once(fmt, path, images)
-    except Exception as e:  # each runtime has its own error types
+    except Exception as e:  # noqa: BLE001 (each runtime has its own error types)
         print(ERROR_MARK + first_line(e), file=sys.stderr, flush=True)
         sys.exit(1)

@@ -21,7 +21,7 @@ import os
 
 from keras_bit import kernels
 from keras_bit.backend import tensorflow as _tensorflow
-from keras_bit.export import image_decode, runtimes, serving
+from keras_bit.export import artifact, image_decode, labels, runtimes, serving
 from keras_bit.validation import check_positive_int
 
 SAVED_MODEL_QUANTIZATIONS = (None, "bfloat16")
@@ -53,8 +53,8 @@ def decode_batch(image_bytes, size, max_pixels=DEFAULT_MAX_PIXELS, jpeg_dct_scal
     indices, pixels = dataset.batch(tf.maximum(count, 1)).concatenate(nothing).take(1).get_single_element()
     failed = tf.sparse.to_dense(tf.sets.difference(tf.range(count)[None], indices[None]))[0]
     checked = tf.debugging.Assert(tf.equal(tf.size(failed), 0), [
-        f"image_bytes: could not decode the images at these batch indices (each must be a complete JPEG, PNG, "
-        f"GIF, BMP or still WebP file of at most max_pixels={max_pixels} pixels):", failed], summarize=16)
+        (f"image_bytes: could not decode the images at these batch indices (each must be a complete JPEG, PNG, "
+         f"GIF, BMP or still WebP file of at most max_pixels={max_pixels} pixels):"), failed], summarize=16)
     with tf.control_dependencies([checked]):
         return tf.identity(pixels)
 
@@ -102,20 +102,20 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         >>> path = export_saved_model(result.model, class_names=result.class_names)
         >>> served = tf.saved_model.load(path).signatures["serving_bytes"]
     """
-    check_positive_int(max_pixels, "max_pixels")
-    name = serving.check_plain_name(model.name if name is None else name, "name")
+    max_pixels = check_positive_int(max_pixels, "max_pixels")
+    name = artifact.check_plain_name(model.name if name is None else name, "name")
     if version is not None:
-        check_positive_int(version, "version")
+        version = check_positive_int(version, "version")
     if quantization not in SAVED_MODEL_QUANTIZATIONS:
         raise ValueError(f"`quantization` must be one of {SAVED_MODEL_QUANTIZATIONS} for a SavedModel. "
                          f"Received: quantization={quantization!r}")
     served = serving.serving_model(model, image_size, top_k, activation, fold, dtype=quantization)
     classes = int(model.output_shape[-1])
-    class_names = serving.check_class_names(class_names, classes)
+    class_names = labels.check_class_names(class_names, classes)
     if class_names is None:
-        class_names = serving.imagenet_class_names(classes)
+        class_names = labels.imagenet_class_names(classes)
     base = os.path.join(os.fspath(export_dir), name)
-    path = os.path.join(base, str(serving.next_version(base) if version is None else version))
+    path = os.path.join(base, str(artifact.next_version(base) if version is None else version))
     if os.path.exists(path):
         raise ValueError(f"Export version {path} already exists; versions are never overwritten.")
 
@@ -123,9 +123,9 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         save(served, tmp, class_names, max_pixels, jpeg_dct_scaling)
         runtimes.check_runs(tmp, "tf_saved_model", runtimes.sample_images(*serving.input_size(model, image_size)),
                             shown=path)
-        serving.write_labels(tmp, "tf_saved_model", class_names)
+        labels.write_labels(tmp, "tf_saved_model", class_names)
 
-    serving.write_atomically(path, write)
+    artifact.write_atomically(path, write)
     logger.info("Exported %s to %s", model.name, path)
     return path
 
@@ -137,8 +137,8 @@ def _check_images(images):
                     lambda: tf.logical_and(tf.equal(shape[-1], 3), tf.reduce_all(shape[1:3] > 0)),
                     lambda: tf.constant(False))
     checked = tf.debugging.Assert(valid, [
-        "images: expected uint8 RGB pixels of shape [batch, height, width, 3] (height, width > 0); received "
-        "shape", shape], summarize=8)
+        ("images: expected uint8 RGB pixels of shape [batch, height, width, 3] (height, width > 0); received "
+         "shape"), shape], summarize=8)
     with tf.control_dependencies([checked]):
         return tf.ensure_shape(images, [None, None, None, 3])
 
@@ -147,7 +147,7 @@ def save(served, path, class_names=None, max_pixels=DEFAULT_MAX_PIXELS, jpeg_dct
     """Writes the serving model `served` (see `serving.serving_model`) as a SavedModel folder at `path`."""
     classify = served.get_layer("classify")
     size = tuple(served.get_layer("resize").get_config()[k] for k in ("height", "width"))
-    labels = tf.constant(class_names) if class_names is not None else None
+    label_table = tf.constant(class_names) if class_names is not None else None
     classes, k = (int(served.output[name].shape[-1]) for name in ("probabilities", "top_k_indices"))
 
     def outputs(call, pixels):
@@ -155,8 +155,8 @@ def save(served, path, class_names=None, max_pixels=DEFAULT_MAX_PIXELS, jpeg_dct
         empty = {"probabilities": tf.zeros([0, classes]), "top_k_indices": tf.zeros([0, k], tf.int32),
                  "top_k_scores": tf.zeros([0, k])}
         result = tf.cond(tf.shape(pixels)[0] > 0, lambda: call(pixels, training=False), lambda: empty)
-        if labels is not None:
-            result["top_k_labels"] = tf.gather(labels, result["top_k_indices"])
+        if label_table is not None:
+            result["top_k_labels"] = tf.gather(label_table, result["top_k_indices"])
         return result
 
     # Any rank is accepted at the signature so that a wrong one reaches `_check_images` and its message

@@ -81,6 +81,7 @@ def _usable_library(x):
             or keras.backend.standardize_dtype(x.dtype) not in FUSED_DTYPES):
         return None
     import tensorflow as tf
+
     # Private TensorFlow helpers, isolated here: XLA cannot compile a custom op, and a SavedModel must not need one.
     from tensorflow.python.ops import control_flow_util
     from tensorflow.python.saved_model import save_context

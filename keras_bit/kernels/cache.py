@@ -24,7 +24,7 @@ rebuild, logged at INFO with the reason. If the rebuild or its load fails too,
 
 Links: the cache folder may be a link (people move `~/.keras`); a link in place
 of the library or the record is followed for reading (what is checked is the
-content) and replaced, never written through, by a rebuild (`os.replace`).
+content) and replaced, never written through, by a rebuild (`io.atomic_path` renames).
 Concurrent builders each rename their own complete files; the build is
 deterministic for a key, so their libraries and records agree. Were a compiler
 not deterministic, a record and library from two builders could disagree: the
@@ -46,7 +46,6 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 
 from keras_bit import io
 
@@ -76,7 +75,8 @@ def locate(tf, cache_dir=None):
     """
     command = compile_command(tf, "OUTPUT")
     try:
-        compiler = subprocess.run([command[0], "--version"], capture_output=True, text=True, errors="replace",
+        compiler = subprocess.run([command[0], "--version"], capture_output=True, check=False, text=True,
+                                  errors="replace",
                                   timeout=60).stdout
     except FileNotFoundError as e:
         raise RuntimeError(f"no C++ compiler {command[0]!r} (set $CXX)") from e
@@ -136,7 +136,7 @@ def load_verified(tf, data, cached):
         else:
             _memfds.append(fd)
             module = tf.load_op_library(f"/proc/self/fd/{fd}")
-    except Exception as e:  # noqa: BLE001 - whatever the loader says, the answer is a rebuild or the fallback
+    except Exception as e:  # whatever the loader says, the answer is a rebuild or the fallback
         message = getattr(e, "message", None) or str(e) or type(e).__name__
         raise Unusable(f"{cached.path} does not load: {message.splitlines()[0]}") from e
     missing = [op for op in OPS if not hasattr(module, op)]
@@ -177,38 +177,23 @@ def build(tf, cached):
     folder = os.path.dirname(cached.path)
     os.makedirs(folder, exist_ok=True)
     logger.info("Building keras_bit's fused GroupNorm kernel into %s (once per machine and TensorFlow)", cached.path)
-    fd, tmp = tempfile.mkstemp(prefix=".group_norm_", suffix=".so.part", dir=folder)
-    os.close(fd)
-    try:
+    with io.atomic_path(cached.path) as tmp:  # another process sees the whole library or none
         command = compile_command(tf, tmp)
-        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=600)
+        done = subprocess.run(command, capture_output=True, check=False, text=True, errors="replace", timeout=600)
         if done.returncode:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
             raise RuntimeError(f"{command[0]} failed: {errors[0] if errors else done.returncode}")
-        data = io.read_bounded(tmp, LIBRARY_LIMIT, "built kernel library")
+        data = io.read_bounded(tmp, LIBRARY_LIMIT, "built kernel library") if os.path.lexists(tmp) else b""
         if not data:
             raise RuntimeError(f"{command[0]} wrote an empty library")
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would hide it from other users of a shared $KERAS_HOME
-        os.replace(tmp, cached.path)  # atomic: another process sees the whole library or none
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.chmod(tmp, 0o755)  # whatever the umask, other users of a shared $KERAS_HOME may load it
     record = {"key": cached.key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
               "built_from": cached.built_from}
-    _write_atomically(cached.record, json.dumps(record, indent=1).encode())
+    with io.atomic_path(cached.record) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(record, indent=1).encode())
+        os.chmod(tmp, 0o644)  # readable by every user of a shared $KERAS_HOME, whatever the umask
     return data
-
-
-def _write_atomically(path, data):
-    fd, tmp = tempfile.mkstemp(prefix=".group_norm_", suffix=".json.part", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def compile_command(tf, output):

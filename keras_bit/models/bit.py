@@ -16,7 +16,7 @@ import os
 
 import keras
 
-from keras_bit import presets
+from keras_bit import io, presets
 from keras_bit.layers import GN_GROUPS
 from keras_bit.models import resnet_v2
 from keras_bit.validation import check_name, check_positive_int
@@ -122,13 +122,13 @@ def ResNetV2(
         >>> tiny.output_shape
         (None, 10)
     """
-    *architecture, output_stride = resnet_v2.check_architecture(
+    *architecture, output_stride = resnet_v2.check_architecture_args(
         block_units, width_factor, base_width, groups, output_stride)  # plain ints from here on
     units, width_factor, base_width, groups = architecture
     include_top, pooling, classes = resnet_v2.check_head(include_top, pooling, classes, classifier_activation)
     name = check_name(name)
     default_size = check_positive_int(default_size, "default_size")
-    source = sources.resolve(weights, model_name)  # names, handles and files checked; nothing downloaded
+    source = sources.resolve_source(weights, model_name)  # names, handles and files checked; nothing downloaded
     channels = 3 if source is not None else None
     shape = resnet_v2.check_input_shape(input_shape, include_top, default_size, channels)
     resnet_v2.check_sizes(width_factor, base_width, shape[-1], classes)
@@ -161,7 +161,7 @@ def check_weights(model_name, weights):
         >>> check_weights("BiT-M-R50x1", "imagenet21k")
     """
     presets.split_model_name(model_name)
-    sources.resolve(weights, model_name)
+    sources.resolve_source(weights, model_name)
 
 
 def BiT(
@@ -231,20 +231,14 @@ def convert(weights, output_path, model_name, overwrite=False):
     if os.path.lexists(output_path) and not overwrite:
         raise FileExistsError(f"{output_path} already exists; pass overwrite=True (--overwrite) to replace it")
     _, arch_name = presets.split_model_name(model_name)
-    source = sources.resolve(weights, model_name)
+    source = sources.resolve_source(weights, model_name)
     if source is None:
         raise ValueError("`weights` must name the weights to convert. Received: weights=None")
     # The files first: whether there is a head to convert is known only from them.
     source = sources.fetch(source, architecture=presets.ARCHITECTURES[arch_name].spec)
     model = BiT(model_name, include_top=source.classes is not None, weights=source.path, input_shape=(None, None, 3))
-    # Written beside the destination, then renamed: an interrupted conversion leaves no half file.
-    tmp = os.path.join(folder, f".{os.path.basename(output_path)[:-len(keras_h5.SUFFIX)]}.{os.getpid()}{keras_h5.SUFFIX}")
-    try:
+    with io.atomic_path(output_path) as tmp:  # an interrupted conversion leaves no half file
         model.save_weights(tmp)
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return model
 
 

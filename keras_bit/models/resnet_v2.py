@@ -38,7 +38,7 @@ DEFAULT_CLASSES = 1000  # ImageNet-1k, keras.applications' default head
 DATA_FORMAT = "channels_last"
 
 
-def check_architecture(block_units, width_factor, base_width, groups, output_stride=32):
+def check_architecture_args(block_units, width_factor, base_width, groups, output_stride=32):
     """Returns `(block_units, width_factor, base_width, groups, output_stride)` as plain ints, or raises `ValueError`.
 
     Integers may be Python or NumPy ones, `block_units` any sequence of 4
@@ -266,7 +266,7 @@ def build_resnet_v2(
         >>> build_resnet_v2((1, 1, 1, 1), base_width=32, groups=8, input_shape=(64, 64, 3), classes=10).output_shape
         (None, 10)
     """
-    block_units, width_factor, base_width, groups, output_stride = check_architecture(
+    block_units, width_factor, base_width, groups, output_stride = check_architecture_args(
         block_units, width_factor, base_width, groups, output_stride)
     include_top, pooling, classes = check_head(include_top, pooling, classes, classifier_activation)
     if include_top and classes is None:

@@ -12,6 +12,7 @@ here and nowhere else:
 
 import json
 import os
+
 from keras_bit.backend import tensorflow as _tensorflow
 
 tf = _tensorflow("Fine-tuning")

@@ -18,7 +18,7 @@ Reference:
 import keras
 from keras import ops
 
-from keras_bit.validation import check_positive_int
+from keras_bit.validation import check_positive_int, is_int
 
 SMALL_IMAGE_AREA = 96 * 96
 BASE_LR = 0.003
@@ -61,7 +61,7 @@ def get_schedule(dataset_size):
         >>> get_schedule(1000)
         (100, 200, 300, 400, 500)
     """
-    _check_size(dataset_size)
+    dataset_size = check_positive_int(dataset_size, "dataset_size")
     for limit, supports in _SCHEDULES:
         if limit is None or dataset_size < limit:
             return supports
@@ -70,7 +70,7 @@ def get_schedule(dataset_size):
 
 def get_mixup(dataset_size):
     """MixUp alpha: 0.1 for training sets of 20k examples or more, else 0 (off)."""
-    _check_size(dataset_size)
+    dataset_size = check_positive_int(dataset_size, "dataset_size")
     return MIXUP_ALPHA if dataset_size >= 20_000 else 0.0
 
 
@@ -81,7 +81,7 @@ def scaled_lr(batch_size, base_lr=BASE_LR):
         >>> scaled_lr(128)
         0.00075
     """
-    check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int(batch_size, "batch_size")
     return base_lr * batch_size / BASE_BATCH_SIZE
 
 
@@ -96,12 +96,12 @@ def scale_schedule(supports, total_steps):
         >>> scale_schedule((100, 200, 300, 400, 500), 50)
         (10, 20, 30, 40, 50)
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < len(supports):
+    if not is_int(total_steps) or total_steps < len(supports):
         raise ValueError(
             f"`steps` must be an integer >= {len(supports)} (one per schedule phase). "
             f"Received: steps={total_steps!r}"
         )
-    scaled, previous = [], 0
+    total_steps, scaled, previous = int(total_steps), [], 0
     for i, s in enumerate(supports):
         remaining = len(supports) - 1 - i
         value = max(previous + 1, round(s * total_steps / supports[-1]))
@@ -156,10 +156,9 @@ class BiTSchedule(keras.optimizers.schedules.LearningRateSchedule):
             )
         if not base_lr > 0:
             raise ValueError(f"`base_lr` must be positive. Received: base_lr={base_lr!r}")
-        check_positive_int(accumulation_steps, "accumulation_steps")
         self.base_lr = float(base_lr)
         self.supports = supports
-        self.accumulation_steps = accumulation_steps
+        self.accumulation_steps = check_positive_int(accumulation_steps, "accumulation_steps")
 
     def __call__(self, step):
         step = ops.cast(ops.floor_divide(step, self.accumulation_steps), "float32")
@@ -171,7 +170,3 @@ class BiTSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"base_lr": self.base_lr, "supports": list(self.supports), "accumulation_steps": self.accumulation_steps}
-
-
-def _check_size(dataset_size):
-    check_positive_int(dataset_size, "dataset_size")

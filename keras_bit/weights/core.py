@@ -45,7 +45,7 @@ def reading(path, key=None):
             raise
         raise ValueError(f"Could not read {'key ' + repr(key) + ' of ' if key is not None else ''}checkpoint {path} "
                          f"(truncated or corrupt?): {_one_line(e)}") from e
-    except Exception as e:  # noqa: BLE001 - the trust boundary: every failure becomes the documented error
+    except Exception as e:  # the trust boundary: every failure becomes the documented error
         where = f"key {key!r} of " if key is not None else ""
         raise ValueError(f"Could not read {where}checkpoint {path} (truncated or corrupt?): "
                          f"{type(e).__name__}: {_one_line(e)}") from e

@@ -10,14 +10,15 @@ and sha256: a killed or truncated download never appears in the cache.
 then trust, so it is not used for checkpoints.)
 """
 
+import glob
 import hashlib
 import http.client
 import os
-import glob
 import time
 import urllib.error
 import urllib.request
-import uuid
+
+from keras_bit import io
 
 CHUNK = 1 << 20
 # A partial file untouched this long belongs to a killed download, not one in progress.
@@ -68,14 +69,22 @@ def _progress(total):
     return keras.utils.Progbar(total, unit_name="B")
 
 
+def _remove_stale_partials(target):
+    """Removes partial downloads of `target` untouched for `STALE_PARTIAL_SECONDS` (killed, not in progress)."""
+    # `<name>.part-*`: what earlier keras_bit versions named partial downloads; a cache may still hold them.
+    for leftover in io.temp_paths_of(target) + glob.glob(glob.escape(target) + ".part-*"):
+        try:
+            if time.time() - os.path.getmtime(leftover) > STALE_PARTIAL_SECONDS:
+                os.remove(leftover)
+        except OSError:  # removed meanwhile by another process
+            pass
+
+
 def _download(url, target, size, sha256):
-    """Streams `url` to a temporary file beside `target`, checks it, renames it into place."""
+    """Streams `url` to a temporary file beside `target`, checks it, renames it into place (flushed to disk)."""
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    for leftover in glob.glob(glob.escape(target) + ".part-*"):
-        if time.time() - os.path.getmtime(leftover) > STALE_PARTIAL_SECONDS:
-            os.remove(leftover)
-    partial = f"{target}.part-{uuid.uuid4().hex[:12]}"
-    try:
+    _remove_stale_partials(target)
+    with io.atomic_path(target, durable=True) as partial:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
             announced = response.headers.get("Content-Length")
             announced = int(announced) if announced and announced.isdigit() else None
@@ -85,17 +94,11 @@ def _download(url, target, size, sha256):
                 written += len(block)
                 if progress is not None:
                     progress.update(written)
-            f.flush()
-            os.fsync(f.fileno())
         if announced is not None and written != announced:
             raise DownloadError(f"the transfer stopped after {written} of {announced} bytes")
         problem = verify(partial, size, sha256)
         if problem:
             raise DownloadError(f"the downloaded file has {problem}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return target
 
 

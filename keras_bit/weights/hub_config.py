@@ -8,6 +8,7 @@ a `TypeError` or `AttributeError` from deep inside a reader.
 """
 
 from keras_bit import io
+from keras_bit.validation import is_int
 
 # ImageNet-21k's id2label is ~1 MB; a config is never near this.
 MAX_CONFIG_BYTES = 4 << 20
@@ -33,7 +34,7 @@ def integer(config, name, source, low, high, default=_MISSING):
     value = config.get(name)
     if value is None and default is not _MISSING:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise _problem(source, name, value, f"an integer from {low} to {high}")
     return value
 
@@ -46,7 +47,7 @@ def integers(config, name, source, length, low, high, default=_MISSING):
     expected = f"a list of {length or 'one or more'} integers from {low} to {high}"
     if not isinstance(value, list) or not value or (length is not None and len(value) != length):
         raise _problem(source, name, value, expected)
-    if any(isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high for v in value):
+    if not all(is_int(v) and low <= v <= high for v in value):
         raise _problem(source, name, value, expected)
     return tuple(value)
 

@@ -128,7 +128,7 @@ def load(model, path, load_head=True):
     """Strictly loads a keras_bit `.weights.h5` (head datasets skipped unless `load_head`)."""
     with Reader(path) as reader:
         # Files saved after compile() also hold the optimizer state (outside layers/): not model weights.
-        ignorable = [k for k in reader.keys() if not k.startswith("layers/") or (
+        ignorable = [k for k in reader.keys() if not k.startswith("layers/") or (  # noqa: SIM118 (a Reader, no dict)
             not load_head and k.startswith("layers/dense/"))]
         core.load_strict(model, reader, key_map(model, load_head), path, ignorable,
                          hint=" Was it saved from a keras_bit model of this architecture?")

@@ -14,6 +14,7 @@ import collections
 import math
 import os
 import zipfile
+
 import numpy as np
 
 from keras_bit import io
@@ -70,17 +71,18 @@ class Reader:
             if not zipfile.is_zipfile(path):
                 with open(path, "rb") as f:
                     kind = "an HDF5 file (a .weights.h5?)" if f.read(8) == b"\x89HDF\r\n\x1a\n" else "not a zip archive"
-                raise ValueError(f"Could not read checkpoint {path}: it is {kind}, not an .npz (truncated or corrupt?).")
+                raise ValueError(
+                    f"Could not read checkpoint {path}: it is {kind}, not an .npz (truncated or corrupt?).")
             self._zip = zipfile.ZipFile(path)
             names = self._zip.namelist()
         # Two members of one name (or "k" and "k.npy", one key): zipfile would read the last, another reader the
         # first. Counted, not searched: a file may hold very many members.
-        keys = collections.Counter(n[:-4] if n.endswith(".npy") else n for n in names)
+        keys = collections.Counter(n.removesuffix(".npy") for n in names)
         repeated = [k for k, count in keys.items() if count > 1]
         if repeated:
             self._zip.close()
             raise ValueError(f"Checkpoint {path} is not a valid .npz: it holds key {repeated[0]!r} more than once.")
-        self._members = {n[:-4] if n.endswith(".npy") else n: n for n in names}
+        self._members = {n.removesuffix(".npy"): n for n in names}
 
     def __enter__(self):
         return self
@@ -146,7 +148,8 @@ def head_classes(path):
 def load(model, path, load_head=True):
     """Strictly loads an official-layout `.npz` into a keras_bit model (head keys skipped unless `load_head`)."""
     with Reader(path) as reader:
-        ignorable = [k for k in reader.keys() if k.startswith(HEAD_SCOPE + "/")] if not load_head else ()
+        head = [k for k in reader.keys() if k.startswith(HEAD_SCOPE + "/")]  # noqa: SIM118 (a Reader, not a dict)
+        ignorable = head if not load_head else ()
         core.load_strict(model, reader, key_map(model, load_head), path, ignorable)
 
 

@@ -29,7 +29,7 @@ class Reader:
             try:
                 self._file = safe_open(path, framework="numpy")
                 self._keys = list(self._file.keys())
-            except Exception as e:  # noqa: BLE001 - safetensors' error types vary across versions
+            except Exception as e:  # safetensors' error types vary across versions
                 raise ValueError(f"Could not read {path}: not a valid .safetensors file (truncated or corrupt?): "
                                  f"{e}") from e
 
@@ -64,5 +64,6 @@ def head_classes(path, head_module):
 def load(model, path, key_map_fn, head_module, load_head=True):
     """Strictly loads a `.safetensors` file; `key_map_fn(model, load_head, keys)` maps its tensors."""
     with Reader(path) as reader:
-        ignorable = [k for k in reader.keys() if k.startswith(head_module + ".")] if not load_head else ()
+        head = [k for k in reader.keys() if k.startswith(head_module + ".")]  # noqa: SIM118 (a Reader, not a dict)
+        ignorable = head if not load_head else ()
         core.load_strict(model, reader, key_map_fn(model, load_head, reader.keys()), path, ignorable)

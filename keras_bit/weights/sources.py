@@ -1,6 +1,6 @@
 """What a `weights=` value names, where its files are, and which reader loads them.
 
-`resolve` checks a value without downloading anything; `fetch` makes its
+`resolve_source` checks a value without downloading anything; `fetch` makes its
 files local (the authors' bucket through `download`, the Hugging Face Hub
 through `huggingface_hub` and its cache); `load_weights` hands a local file to
 the reader of its format. Every reader goes through `core.load_strict`.
@@ -68,7 +68,7 @@ def parse_hub_handle(handle):
     return repo, revision or None
 
 
-def format_of(path):
+def weights_format(path):
     """The format of a local weights file, from its suffix (and tensor names for .safetensors)."""
     if path.endswith(npz.SUFFIX):
         return "npz"
@@ -114,10 +114,10 @@ def check_file(weights, known_names=None):
 
 def head_classes(path, fmt=None):
     """Class count of the head stored in a local weights file, or None if it has no head."""
-    return FORMATS[fmt or format_of(path)].head_classes(path)
+    return FORMATS[fmt or weights_format(path)].head_classes(path)
 
 
-def resolve(weights, model_name=None):
+def resolve_source(weights, model_name=None):
     """The `Source` named by `weights` for `model_name` (or a custom architecture); downloads nothing.
 
     Raises:
@@ -125,10 +125,12 @@ def resolve(weights, model_name=None):
     """
     if weights is None:
         return None
-    preset = weights if isinstance(weights, presets.Preset) else presets.find(model_name, weights) if model_name else None
+    preset = (weights if isinstance(weights, presets.Preset)
+              else presets.find(model_name, weights) if model_name else None)
     if preset is not None:
         if model_name and preset.model != model_name:
-            raise ValueError(f"`weights` is a checkpoint of {preset.model}, not of {model_name}. Received: weights={preset!r}")
+            raise ValueError(f"`weights` is a checkpoint of {preset.model}, not of {model_name}. "
+                             f"Received: weights={preset!r}")
         architecture = preset.architecture.spec if preset.model in presets.MODEL_NAMES else None
         return Source(weights, preset=preset, format="npz", classes=preset.classes, resolution=preset.resolution,
                       architecture=architecture)
@@ -139,7 +141,7 @@ def resolve(weights, model_name=None):
         raise ValueError(f"`weights` must be one of {known}, an 'hf://<owner>/<repo>' handle, or {FILE_HELP}. "
                          f"Received: weights={weights!r}")
     path = check_file(weights, known)
-    fmt = format_of(path)
+    fmt = weights_format(path)
     return Source(weights, path=path, format=fmt, classes=head_classes(path, fmt))
 
 
@@ -171,7 +173,7 @@ def _hub_download(repo, revision, filename):
     return path
 
 
-def check_architecture(source, architecture):
+def check_checkpoint_architecture(source, architecture):
     """Raises `ValueError` unless the architecture a Hub config states is `architecture`.
 
     Widths compare as `base_width * width_factor` (what the convolutions see).
@@ -215,12 +217,13 @@ def _fetch_hub(source, architecture=None):
                                  resolution=reader.resolution(config, name),
                                  architecture=reader.architecture(config, name))
     if architecture is not None:
-        check_architecture(source, architecture)  # before the weights are downloaded
+        check_checkpoint_architecture(source, architecture)  # before the weights are downloaded
     path = _hub_download(repo, revision, "model.safetensors")
     with _delete_hint(path, cached=True):
-        found = format_of(path)
+        found = weights_format(path)
         if found != fmt:
-            raise ValueError(f"hf://{repo}: config.json describes a {fmt} model but model.safetensors holds {found} keys.")
+            raise ValueError(f"hf://{repo}: config.json describes a {fmt} model but model.safetensors holds "
+                             f"{found} keys.")
         # The head size from the tensors: a transformers config always has labels, even for a BitModel file.
         classes = head_classes(path, fmt)
     return dataclasses.replace(source, path=path, classes=classes)
@@ -230,7 +233,7 @@ def fetch(source, cache_dir=None, architecture=None):
     """`source` with its files local: presets from the bucket (or its mirror), `hf://` handles from the Hub.
 
     Args:
-        source: a `Source` from `resolve`.
+        source: a `Source` from `resolve_source`.
         cache_dir: cache root of bucket downloads (default `$KERAS_HOME` or `~/.keras`).
         architecture: `(block_units, width_factor, base_width, groups)` of
             the model to load into; a Hub config stating another is refused
@@ -243,7 +246,7 @@ def fetch(source, cache_dir=None, architecture=None):
     if source.hub is not None:
         return _fetch_hub(source, architecture)
     if architecture is not None:
-        check_architecture(source, architecture)  # before any download
+        check_checkpoint_architecture(source, architecture)  # before any download
     if source.preset is not None and source.path is None:
         preset = source.preset
         path = download.fetch(preset.url, preset.filename, CACHE_SUBDIR, cache_dir, preset.size, preset.sha256)
@@ -271,7 +274,7 @@ def _delete_hint(path, cached):
 def load_source(model, source, load_head=True):
     """Loads a fetched `Source` into `model` (a corrupt cached download names the file to delete)."""
     with _delete_hint(source.path, cached=source.preset is not None or source.hub is not None):
-        FORMATS[source.format or format_of(source.path)].load(model, source.path, load_head)
+        FORMATS[source.format or weights_format(source.path)].load(model, source.path, load_head)
 
 
 def load_weights(model, weights, load_head=True, fmt=None):
@@ -298,14 +301,15 @@ def load_weights(model, weights, load_head=True, fmt=None):
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"`fmt` must be None or one of {sorted(FORMATS)}. Received: fmt={fmt!r}")
     if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
-        source = _fetch_hub(resolve(weights), model_architecture(model))
+        source = _fetch_hub(resolve_source(weights), model_architecture(model))
     elif isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
         path = os.fsdecode(os.fspath(weights))
         if fmt is None or not os.path.isfile(path):
             path = check_file(path)
         source = Source(weights, path=path, format=fmt)
     else:
-        raise ValueError(f"`weights` must be {FILE_HELP} or an 'hf://<owner>/<repo>' handle. Received: weights={weights!r}")
+        raise ValueError(f"`weights` must be {FILE_HELP} or an 'hf://<owner>/<repo>' handle. "
+                         f"Received: weights={weights!r}")
     # A headless model loads the backbone of a file that has a head.
     load_head = load_head and any(layer.name == "head" for layer in model.layers)
     load_source(model, source, load_head)
