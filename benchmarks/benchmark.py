@@ -324,7 +324,7 @@ def trained_bf16_agreement(model_path):
     held-out digits (the run's own split) and, for more cases, all 1797.
     Both models are folded and use the fused GroupNorm, as the fast paths do.
     """
-    from keras_bit.train import data, pipeline
+    from keras_bit.train import pipeline, sources as data
 
     model = keras.saving.load_model(model_path, compile=False)
     size = int(model.input_shape[1])

@@ -8,7 +8,7 @@ a pass.
 
     python benchmarks/tfds_memory.py --sizes 2000 10000 50000 --work-dir /tmp/tfds_bench
 
-"old" reimplements what keras_bit did before `keras_bit.train.tfds_data`: the
+"old" reimplements what keras_bit did before `keras_bit.train.sources.tfds`: the
 whole split read through `tfds.load` into a list of encoded images (tfds'
 defaults, auto-cache included) and fed to the in-memory pipeline.
 """
@@ -72,7 +72,7 @@ def _jpeg(image_module, i):
 
 def _old_split(name, data_dir):
     """The replaced reader: every encoded image of the split in a Python list."""
-    from keras_bit.train import data
+    from keras_bit.train import sources
 
     ds = tfds.load(name, split="train", as_supervised=True, data_dir=data_dir,
                    decoders={"image": tfds.decode.SkipDecoding()})
@@ -80,7 +80,7 @@ def _old_split(name, data_dir):
     for image, label in ds.as_numpy_iterator():
         records.append(image)
         labels.append(label)
-    return data.Split(np.array(records, dtype=object), np.array(labels, np.int64), "encoded")
+    return sources.EncodedSplit(np.array(records, dtype=object), np.array(labels, np.int64))
 
 
 def _peak_mb():
@@ -102,7 +102,7 @@ def measure(approach, name, data_dir, batches):
     """One approach in this process: a JSON line with peak RSS and timings."""
     import tensorflow as tf
 
-    from keras_bit.train import tfds_data
+    from keras_bit.train.sources import tfds as tfds_data
 
     tf.constant(0)  # TensorFlow's runtime up before the baseline
     baseline = _peak_mb()

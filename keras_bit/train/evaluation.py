@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from keras_bit.train import distribute, pipeline
 from keras_bit.backend import tensorflow as _tensorflow
+from keras_bit.train import distribute, pipeline
 
 tf = _tensorflow("Fine-tuning")
 
@@ -47,6 +47,6 @@ def scores(logits, labels, num_classes):
         "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
         "accuracy": float(np.mean(predicted == labels)),
         "top5_accuracy": float(np.mean((top == labels[:, None]).any(axis=1))),
-        "examples": int(len(labels)),
+        "examples": len(labels),
         "confusion_matrix": confusion.tolist(),
     }

@@ -1,58 +1,28 @@
-"""tf.data pipelines for BiT fine-tuning: decoding, augmentation, MixUp, the deterministic stream.
+"""tf.data pipelines for BiT fine-tuning: augmentation, MixUp, sharding and batching of any `Split`.
 
-The training stream is a pure function of `(seed, step)`: pass p over the data
-is a permutation drawn from `(seed, p)`, every random crop/flip is seeded by
-the example's position in the stream and every MixUp coefficient by the
-batch's. A run resumed at step s sees exactly the batches an uninterrupted run
-sees from step s on.
+The training stream is a pure function of `(seed, step)`: the split orders
+its examples as a function of `(seed, position)` (`Split.stream`, see
+`keras_bit.train.sources`), every random crop/flip is seeded by the example's
+position in the stream and every MixUp coefficient by the batch's. A run
+resumed at step s sees exactly the batches an uninterrupted run sees from
+step s on. The pipelines call the split's methods only: every source works
+the same way.
 """
 
-import numpy as np
-
-from keras_bit.preprocessing import preprocess_input
 from keras_bit.backend import tensorflow as _tensorflow
+from keras_bit.preprocessing import preprocess_input
+from keras_bit.train.sources.base import seed_pair
 
 tf = _tensorflow("Fine-tuning")
 
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _tensors(split):
-    records = split.records
-    if split.kind == "files":
-        records = records.astype(str)
-    elif split.kind == "encoded":
-        records = list(records)
-    return tf.constant(records), tf.constant(split.labels)
-
-
-def _records_dataset(split):
-    return tf.data.Dataset.from_tensor_slices(_tensors(split))
-
-
-def decode(record, kind):
-    """uint8 `(H, W, 3)` image from a file path, encoded bytes or an array record."""
-    if kind == "files":
-        record = tf.io.read_file(record)
-    if kind in ("files", "encoded"):
-        image = tf.io.decode_image(record, channels=3, expand_animations=False)
-    else:
-        image = record if record.shape.rank == 3 else record[..., None]
-        if image.shape[-1] == 1:
-            image = tf.image.grayscale_to_rgb(image)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _seed(seed, index, salt):
-    return tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + salt, tf.cast(index, tf.int64)])
-
-
 def train_augment(image, index, resize, crop, seed):
     """BiT training augmentation: resize, random crop, random horizontal flip, [-1, 1]."""
     image = tf.image.resize(image, (resize, resize))  # bilinear
-    image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=_seed(seed, index, 1))
-    image = tf.image.stateless_random_flip_left_right(image, seed=_seed(seed, index, 2))
+    image = tf.image.stateless_random_crop(image, (crop, crop, 3), seed=seed_pair(seed, index, 1))
+    image = tf.image.stateless_random_flip_left_right(image, seed=seed_pair(seed, index, 2))
     return preprocess_input(image)
 
 
@@ -63,14 +33,14 @@ def eval_transform(image, crop):
 
 def mixup(images, labels, alpha, seed, batch_index):
     """Mixes each example with the batch reversed, images and labels with one lambda ~ Beta(alpha, alpha)."""
-    g = tf.random.stateless_gamma([2], seed=_seed(seed, batch_index, 3), alpha=alpha)
+    g = tf.random.stateless_gamma([2], seed=seed_pair(seed, batch_index, 3), alpha=alpha)
     lam = g[0] / (g[0] + g[1])
     return lam * images + (1 - lam) * tf.reverse(images, [0]), lam * labels + (1 - lam) * tf.reverse(labels, [0])
 
 
 def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_alpha=0.0, start_step=0,
                    shard=(0, 1), per_replica_batch_size=None):
-    """Infinite training batches `(images, one-hot labels)`, starting at batch `start_step`.
+    """Infinite training batches `(images, one-hot labels)` of `split`, starting at batch `start_step`.
 
     The stream runs through the examples pass after pass, so a batch may be
     larger than the training set (BiT's few-shot protocol: 1 example per class
@@ -81,8 +51,8 @@ def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_a
     each augmentation is seeded by the example's position in the stream, so
     batch b is the same whatever `start_step` the pipeline was built with:
     that is what makes interrupted runs resume exactly. File-backed tfds
-    splits (`kind="tfds"`) order each pass by files and shuffled windows
-    instead, with the same guarantee (see `keras_bit.train.tfds_data`).
+    splits order each pass by files and shuffled windows instead, with the
+    same guarantee (see `keras_bit.train.sources.tfds`).
 
     Multi-worker input: with `shard=(index, count)` this pipeline produces only
     its share of every global batch of `batch_size` examples (positions
@@ -98,18 +68,14 @@ def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_a
         raise ValueError(f"Cannot take shard {shard_index} of {count} of a global batch of {batch_size} examples.")
     share = batch_size // count
     first = start_step * batch_size
-    if split.kind == "tfds":  # file-backed (keras_bit.train.tfds_data): the split streams its own records
-        ds, fetch, kind = split.stream(seed, first), split.parse, "encoded"
-    else:
-        ds, fetch, kind = _index_stream(split, seed, first)
-    ds = ds.enumerate(start=first)
+    ds, fetch = split.stream(seed, first).enumerate(start=first), split.fetcher()
     if count > 1:
         ds = ds.filter(lambda position, item: (position % batch_size) // share == shard_index)
 
     def example(index, item):
         record, label = fetch(item)
-        image = train_augment(decode(record, kind), index, resize, crop, seed)
-        return image, tf.one_hot(label, num_classes)
+        image = train_augment(split.decode(record), index, resize, crop, seed)
+        return image, split.target(label, num_classes)
 
     ds = ds.map(example, num_parallel_calls=_AUTOTUNE, deterministic=True)
     ds = ds.batch(share, drop_remainder=True)
@@ -125,28 +91,10 @@ def train_pipeline(split, num_classes, batch_size, resize, crop, seed=0, mixup_a
     return ds.prefetch(_AUTOTUNE)
 
 
-def _index_stream(split, seed, first):
-    """In-memory splits: example indices from stream position `first` on, pass p a permutation from (seed, p)."""
-    n = len(split)
-    records, labels = _tensors(split)
-    start_pass, offset = divmod(first, n)
-
-    def one_pass(p):
-        order = tf.argsort(tf.random.stateless_uniform([n], seed=_seed(seed, p, 0)))
-        return tf.data.Dataset.from_tensor_slices(order)
-
-    ds = tf.data.Dataset.range(start_pass, np.iinfo(np.int64).max).flat_map(one_pass).skip(offset)
-    return ds, lambda i: (tf.gather(records, i), tf.gather(labels, i)), split.kind
-
-
 def eval_pipeline(split, num_classes, batch_size, crop):
-    """Evaluation batches `(images, one-hot labels)`, in order, last batch kept."""
-    if split.kind == "tfds":  # file-backed: tfds' reader in the split's order
-        ds, kind = split.ordered(), "encoded"
-    else:
-        ds, kind = _records_dataset(split), split.kind
-    ds = ds.map(
-        lambda r, y: (eval_transform(decode(r, kind), crop), tf.one_hot(y, num_classes)),
+    """Evaluation batches `(images, one-hot labels)` of every example of `split`, in order, last batch kept."""
+    ds = split.ordered().map(
+        lambda r, y: (eval_transform(split.decode(r), crop), split.target(y, num_classes)),
         num_parallel_calls=_AUTOTUNE,
         deterministic=True,  # predictions are matched to labels by position
     )

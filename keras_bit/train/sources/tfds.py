@@ -6,8 +6,8 @@ splits are `TfdsSplit`s. A `TfdsSplit` holds tfds metadata only (its files
 and their example counts); examples are read from the files while a pipeline
 runs, and images are decoded only after shuffling and sharding.
 
-The training stream stays a pure function of `(seed, position)`, as
-`keras_bit.train.pipeline` promises:
+The training stream stays a pure function of `(seed, position)`, as the
+`Split` interface (`keras_bit.train.sources.base`) promises:
 
 * pass p reads the split's files whole, in an order drawn from `(seed, p)`,
   so the metadata alone says where every file starts in the pass;
@@ -33,8 +33,10 @@ import urllib.request
 
 import numpy as np
 
-from keras_bit.train.data import Dataset, Split
 from keras_bit.backend import tensorflow as _tensorflow
+from keras_bit.train.sources.base import Dataset, Split, decode_encoded
+from keras_bit.train.sources.memory import EncodedSplit
+from keras_bit.validation import check_positive_int
 
 tf = _tensorflow("Fine-tuning on tfds data")
 import tensorflow_datasets as tfds  # noqa: E402  (after the backend check: it imports TensorFlow)
@@ -53,14 +55,14 @@ _STREAM_SALT = 0x7FD5  # keeps these seeds apart from the in-memory stream's
 _NO_END = np.iinfo(np.int64).max
 
 
-class TfdsSplit:
+class TfdsSplit(Split):
     """One split of a prepared tfds data set, left in its record files.
 
     Reference: https://www.tensorflow.org/datasets/splits (split strings)
     and https://www.tensorflow.org/datasets/determinism (tfds' file order).
 
     Attributes:
-        kind: `"tfds"`, what `keras_bit.train.pipeline` dispatches on.
+        kind: `"tfds"`, the tag its fingerprint digest starts with.
         split: the tfds split string (slices such as `"train[:10%]"` work).
         shuffle_window: records shuffled together in the training stream.
 
@@ -114,7 +116,7 @@ class TfdsSplit:
         records = np.empty(len(indices), dtype=object)
         records[:] = [found[i][0] for i in indices.tolist()]
         labels = np.array([found[i][1] for i in indices.tolist()], np.int64)
-        return Split(records, labels, "encoded")
+        return EncodedSplit(records, labels)
 
     def fingerprint(self):
         """A digest of what the split reads: data set version, split, files, their ranges, the window.
@@ -141,6 +143,12 @@ class TfdsSplit:
         read_config = tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False)
         return self._builder.as_dataset(self.split, decoders=decoders, read_config=read_config,
                                         shuffle_files=False)
+
+    def decode(self, record):
+        return decode_encoded(record)
+
+    def fetcher(self):
+        return self.parse
 
     def parse(self, record):
         """`(encoded image, label)` from one serialized record of `stream` (the image stays encoded)."""
@@ -211,8 +219,7 @@ def from_tfds(name, split="train", eval_split=None, data_dir=None, shuffle_windo
     >>> ds.num_classes, ds.image_size
     (10, (32, 32))
     """
-    if isinstance(shuffle_window, bool) or not isinstance(shuffle_window, int) or shuffle_window <= 0:
-        raise ValueError(f"`shuffle_window` must be a positive integer. Received: shuffle_window={shuffle_window!r}")
+    shuffle_window = check_positive_int(shuffle_window, "shuffle_window")
     builder = _builder(name, data_dir)
     _prepare(builder, name)
     info = builder.info

@@ -1,11 +1,13 @@
+"""Array, image-folder and scikit-learn sources, `load`'s checks, few-shot draws and fingerprints."""
+
 import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
-from keras_bit.train import data, image_check, pipeline
+from keras_bit.train import pipeline, sources
+from keras_bit.train.sources import image_check
 
 
 def _arrays(n_per_class=6, classes=3, size=12, seed=0):
@@ -27,8 +29,8 @@ def _image_folder(root, classes=("cat", "dog"), per_class=5, size=(20, 30)):
 
 def test_arrays_source_holdout_is_deterministic():
     images, labels = _arrays()
-    a = data.from_arrays(images, labels, seed=3)
-    b = data.from_arrays(images, labels, seed=3)
+    a = sources.from_arrays(images, labels, seed=3)
+    b = sources.from_arrays(images, labels, seed=3)
     assert len(a.train) + len(a.eval) == 18 and len(a.eval) == 4
     np.testing.assert_array_equal(a.eval.labels, b.eval.labels)
     assert a.num_classes == 3 and a.image_size == (12, 12) and a.class_names == ["0", "1", "2"]
@@ -36,107 +38,20 @@ def test_arrays_source_holdout_is_deterministic():
 
 def test_few_shot_exact_and_deterministic():
     images, labels = _arrays(n_per_class=10)
-    split = data.Split(images, labels, "arrays")
-    a = data.few_shot(split, 4, 3, seed=1)
-    b = data.few_shot(split, 4, 3, seed=1)
-    c = data.few_shot(split, 4, 3, seed=2)
+    split = sources.ArraySplit(images, labels)
+    a = sources.few_shot(split, 4, 3, seed=1)
+    b = sources.few_shot(split, 4, 3, seed=1)
+    c = sources.few_shot(split, 4, 3, seed=2)
     assert np.bincount(a.labels).tolist() == [4, 4, 4]
     np.testing.assert_array_equal(a.records, b.records)
     assert not np.array_equal(a.records, c.records)
     with pytest.raises(ValueError, match="Class 0 has 10 training examples, fewer than examples_per_class=11"):
-        data.few_shot(split, 11, 3)
-
-
-def test_mixup_uses_one_lambda_for_images_and_labels():
-    images = tf.constant(np.arange(4 * 2 * 2 * 3, dtype="float32").reshape(4, 2, 2, 3))
-    labels = tf.one_hot([0, 1, 2, 3], 4)
-    mixed_x, mixed_y = pipeline.mixup(images, labels, 0.1, seed=0, batch_index=5)
-    lam = float(mixed_y[0, 0])  # example 0 mixes with example 3: label row = (lam, 0, 0, 1 - lam)
-    assert 0.0 <= lam <= 1.0
-    np.testing.assert_allclose(mixed_y[0], [lam, 0, 0, 1 - lam], atol=1e-6)
-    np.testing.assert_allclose(mixed_x, lam * images + (1 - lam) * images[::-1], rtol=1e-5)
-    again_x, _ = pipeline.mixup(images, labels, 0.1, seed=0, batch_index=5)
-    np.testing.assert_array_equal(mixed_x, again_x)  # deterministic per (seed, batch)
-    lams = [float(pipeline.mixup(images, labels, 0.1, seed=0, batch_index=b)[1][0, 0]) for b in range(200)]
-    assert np.mean([0.05 < v < 0.95 for v in lams]) < 0.35  # Beta(0.1, 0.1): mostly near 0 or 1
-
-
-def test_train_pipeline_shapes_range_and_resume():
-    images, labels = _arrays(n_per_class=5)
-    split = data.Split(images, labels, "arrays")
-    full = list(pipeline.train_pipeline(split, 3, 4, 40, 32, seed=7).take(9).as_numpy_iterator())
-    x, y = full[0]
-    assert x.shape == (4, 32, 32, 3) and y.shape == (4, 3) and x.dtype == np.float32
-    assert -1.0 <= x.min() and x.max() <= 1.0
-    # Starting at batch 5 gives exactly batches 5.. of the uninterrupted stream (several passes over 15 examples).
-    resumed = list(pipeline.train_pipeline(split, 3, 4, 40, 32, seed=7, start_step=5).take(4).as_numpy_iterator())
-    for (xa, ya), (xb, yb) in zip(full[5:], resumed):
-        np.testing.assert_array_equal(xa, xb)
-        np.testing.assert_array_equal(ya, yb)
-    other = next(pipeline.train_pipeline(split, 3, 4, 40, 32, seed=8).as_numpy_iterator())
-    assert not np.array_equal(other[0], x)
-
-
-def test_train_pipeline_shards_are_the_global_batches():
-    """Worker shards cut each global batch by position: together they are the one-process stream."""
-    images, labels = _arrays(n_per_class=5)
-    split = data.Split(images, labels, "arrays")
-    full = list(pipeline.train_pipeline(split, 3, 8, 40, 32, seed=7, start_step=2).take(5).as_numpy_iterator())
-    shards = [
-        list(pipeline.train_pipeline(split, 3, 8, 40, 32, seed=7, start_step=2, shard=(k, 2),
-                                 per_replica_batch_size=2).take(10).as_numpy_iterator())
-        for k in range(2)
-    ]
-    for step, (x, y) in enumerate(full):
-        # Worker k yields its 4 examples as two per-replica batches of 2, in order.
-        pieces = [shards[k][2 * step + r] for k in range(2) for r in range(2)]
-        np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), x)
-        np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), y)
-    with pytest.raises(ValueError, match="Cannot take shard 0 of 3 of a global batch of 8"):
-        pipeline.train_pipeline(split, 3, 8, 40, 32, shard=(0, 3))
-    with pytest.raises(ValueError, match="A share of 4 examples cannot be split into batches of 3"):
-        pipeline.train_pipeline(split, 3, 8, 40, 32, shard=(1, 2), per_replica_batch_size=3)
-
-
-def test_a_batch_larger_than_the_data_repeats_the_passes():
-    """BiT's few-shot protocol: 1 example per class at a batch far above the set size."""
-    images, labels = _arrays(n_per_class=1)  # 3 examples
-    split = data.Split(images, labels, "arrays")
-    x, y = next(pipeline.train_pipeline(split, 3, 10, 24, 16, seed=0).as_numpy_iterator())
-    assert x.shape == (10, 16, 16, 3)
-    # Passes 0..3 cover the set: in the first 9 positions, every example appears exactly 3 times.
-    assert np.bincount(y[:9].argmax(axis=1), minlength=3).tolist() == [3, 3, 3]
-    # The same example at two positions gets two different augmentations.
-    first = y.argmax(axis=1) == 0
-    assert not np.array_equal(x[first][0], x[first][1])
-
-
-def test_train_pipeline_mixup_labels_are_soft():
-    images, labels = _arrays(n_per_class=8)
-    ds = pipeline.train_pipeline(data.Split(images, labels, "arrays"), 3, 8, 16, 16, mixup_alpha=0.5)
-    _, y = next(ds.as_numpy_iterator())
-    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
-    assert ((y > 0) & (y < 1)).any()
-
-
-def test_eval_pipeline_resizes_without_crop():
-    images, labels = _arrays(n_per_class=3)
-    batches = list(pipeline.eval_pipeline(data.Split(images, labels, "arrays"), 3, 4, 24).as_numpy_iterator())
-    assert [b[0].shape for b in batches] == [(4, 24, 24, 3), (4, 24, 24, 3), (1, 24, 24, 3)]
-    expected = tf.image.resize(images[:1].astype("float32"), (24, 24)) / 127.5 - 1
-    np.testing.assert_allclose(batches[0][0][:1], expected, atol=1e-5)
-
-
-def test_grayscale_arrays_become_rgb():
-    images = np.random.default_rng(0).integers(0, 17, size=(8, 8, 8)).astype("float64") * 15
-    ds = data.from_arrays(images, np.arange(8) % 2)
-    x, _ = next(pipeline.eval_pipeline(ds.eval, 2, 2, 32).as_numpy_iterator())
-    assert x.shape[-1] == 3 and np.array_equal(x[..., 0], x[..., 2])
+        sources.few_shot(split, 11, 3)
 
 
 def test_image_folder(tmp_path):
     root = _image_folder(tmp_path / "pets")
-    ds = data.load(str(root), eval_fraction=0.2)
+    ds = sources.load(str(root), eval_fraction=0.2)
     assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2 and ds.image_size == (20, 30)
     assert len(ds.train) == 8 and len(ds.eval) == 2
     x, y = next(pipeline.train_pipeline(ds.train, 2, 4, 40, 32).as_numpy_iterator())
@@ -146,32 +61,32 @@ def test_image_folder(tmp_path):
 def test_image_folder_with_train_and_test(tmp_path):
     _image_folder(tmp_path / "d" / "train", per_class=4)
     _image_folder(tmp_path / "d" / "test", per_class=2)
-    ds = data.from_folder(tmp_path / "d")
+    ds = sources.from_folder(tmp_path / "d")
     assert len(ds.train) == 8 and len(ds.eval) == 4
 
 
 def test_folder_errors(tmp_path):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="Class folder .*empty/a' holds no images"):
-        data.from_folder(tmp_path / "empty")
+        sources.from_folder(tmp_path / "empty")
     root = _image_folder(tmp_path / "one_empty")
     (root / "bird").mkdir()
     with pytest.raises(ValueError, match="Class folder .*bird' holds no images"):
-        data.from_folder(root)
+        sources.from_folder(root)
     with pytest.raises(ValueError, match="has no class sub-folders"):
         (tmp_path / "flat").mkdir()
-        data.from_folder(tmp_path / "flat")
+        sources.from_folder(tmp_path / "flat")
     root = _image_folder(tmp_path / "notes")
     (root / "cat" / "README.txt").write_text("hi")
     with pytest.raises(ValueError, match=r"holds files that are not images: .*README.txt \(not an image file"):
-        data.from_folder(root)
+        sources.from_folder(root)
     root = _image_folder(tmp_path / "broken")
     (root / "dog" / "bad.jpg").write_bytes(b"this is not a jpeg")
     with pytest.raises(ValueError, match=r"1 of 11 images under .* cannot be decoded by TensorFlow within "
                                          r"max_pixels=40000000: .*bad.jpg \(not a readable JPEG"):
-        data.from_folder(root)
+        sources.from_folder(root)
     with pytest.raises(ValueError, match="Image folder not found"):
-        data.from_folder(tmp_path / "nope" / "x")
+        sources.from_folder(tmp_path / "nope" / "x")
 
 
 def _truncated_jpeg(path, size=(40, 60)):
@@ -190,8 +105,8 @@ def test_truncated_jpeg_is_caught_before_training(tmp_path):
         im.verify()  # the old header-only check passed this file
     with pytest.raises(ValueError, match=r"cannot be decoded by TensorFlow within max_pixels=\d+: .*dog/cut.jpg "
                                          r"\(corrupt.*--skip-bad-images"):
-        data.load(str(root))
-    ds = data.load(str(root), skip_bad_images=True)
+        sources.load(str(root))
+    ds = sources.load(str(root), skip_bad_images=True)
     assert ds.skipped == [str(root / "dog" / "cut.jpg")]
     assert len(ds.train) + len(ds.eval) == 10
     assert str(root / "dog" / "cut.jpg") not in set(ds.train.records) | set(ds.eval.records)
@@ -205,67 +120,67 @@ def test_every_decodable_format_loads_and_sizes_are_decoded(tmp_path):
         Image.fromarray(rng.integers(0, 256, size=(24, 28, 3), dtype=np.uint8)).save(root / c / f"x.{fmt}")
     sizes, bad = image_check.check_images(np.array(sorted(str(p) for p in root.rglob("x.*"))))
     assert bad == {} and sizes.tolist() == [[24, 28]] * 6
-    ds = data.load(str(root))
+    ds = sources.load(str(root))
     assert ds.image_size == (24, 28) and len(ds.train) + len(ds.eval) == 6
 
 
 def test_class_names_must_be_single_line_and_distinct(tmp_path):
     root = _image_folder(tmp_path / "nl", classes=("cat", "dog\nhouse"))
     with pytest.raises(ValueError, match=r"single-line string. Received: 'dog\\nhouse'"):
-        data.load(str(root))
+        sources.load(str(root))
     images, labels = _arrays()
     with pytest.raises(ValueError, match="class names must be distinct"):
-        data.load(data.from_arrays(images, labels, class_names=["a", "b", "a"]))
+        sources.load(sources.from_arrays(images, labels, class_names=["a", "b", "a"]))
     with pytest.raises(ValueError, match="2 names for 3 classes"):
-        data.load(data.from_arrays(images, labels, class_names=["a", "b"], num_classes=3))
+        sources.load(sources.from_arrays(images, labels, class_names=["a", "b"], num_classes=3))
 
 
 def test_sparse_labels_say_how_to_remap():
     images, _ = _arrays(n_per_class=1, classes=2)
     with pytest.raises(ValueError, match=r"2 distinct values between 0 and 1000000. Remap them first: "
                                          r"`classes, labels = np.unique\(labels, return_inverse=True\)`"):
-        data.load((images, np.array([0, 10**6])))
+        sources.load((images, np.array([0, 10**6])))
     with pytest.raises(ValueError, match="3 distinct values between 1 and 3"):
-        data.load((_arrays()[0], np.repeat([1, 2, 3], 6)))
+        sources.load((_arrays()[0], np.repeat([1, 2, 3], 6)))
 
 
 def test_one_class_is_refused(tmp_path):
     images, _ = _arrays()
     with pytest.raises(ValueError, match="needs at least 2 classes; the data set 'arrays' has 1"):
-        data.load((images, np.zeros(len(images), int)))
+        sources.load((images, np.zeros(len(images), int)))
     root = _image_folder(tmp_path / "solo", classes=("cat",))
     with pytest.raises(ValueError, match="needs at least 2 classes; the data set 'solo' has 1"):
-        data.load(str(root))
+        sources.load(str(root))
 
 
 def test_fingerprint_follows_the_examples(tmp_path):
     images, labels = _arrays()
-    a = data.Split(images, labels, "arrays")
-    assert a.fingerprint() == data.Split(images.copy(), labels.copy(), "arrays").fingerprint()
+    a = sources.ArraySplit(images, labels)
+    assert a.fingerprint() == sources.ArraySplit(images.copy(), labels.copy()).fingerprint()
     changed = images.copy()
     changed[0, 0, 0, 0] ^= 1
-    assert data.Split(changed, labels, "arrays").fingerprint() != a.fingerprint()
-    assert data.Split(images, labels[::-1].copy(), "arrays").fingerprint() != a.fingerprint()
+    assert sources.ArraySplit(changed, labels).fingerprint() != a.fingerprint()
+    assert sources.ArraySplit(images, labels[::-1].copy()).fingerprint() != a.fingerprint()
     root = _image_folder(tmp_path / "pets")
     moved = tmp_path / "elsewhere" / "pets"
-    first = data.load(str(root)).train.fingerprint()
+    first = sources.load(str(root)).train.fingerprint()
     os.makedirs(moved.parent)
     os.rename(root, moved)
-    assert data.load(str(moved)).train.fingerprint() == first  # the data set may move
-    os.remove(sorted(moved.rglob("*.png"))[0])
-    assert data.load(str(moved)).train.fingerprint() != first
+    assert sources.load(str(moved)).train.fingerprint() == first  # the data set may move
+    os.remove(min(moved.rglob("*.png")))
+    assert sources.load(str(moved)).train.fingerprint() != first
 
 
 def test_array_errors():
     images, labels = _arrays()
     with pytest.raises(ValueError, match="different lengths: 18 images, 17 labels"):
-        data.from_arrays(images, labels[:-1])
+        sources.from_arrays(images, labels[:-1])
     with pytest.raises(ValueError, match="The data set is empty"):
-        data.from_arrays(images[:0], labels[:0])
+        sources.from_arrays(images[:0], labels[:0])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\]. Received labels in \[-1, 2\]"):
-        data.from_arrays(images, np.where(labels == 0, -1, labels), num_classes=3)
+        sources.from_arrays(images, np.where(labels == 0, -1, labels), num_classes=3)
     with pytest.raises(ValueError, match=r"look like \[0, 1\] floats"):
-        data.from_arrays(images / 255.0, labels)
+        sources.from_arrays(images / 255.0, labels)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -274,10 +189,10 @@ def test_non_finite_pixels_are_refused_naming_the_argument(value):
     bad = images.astype("float32")
     bad[3, 1, 2, 0] = value  # np.round(nan).astype(uint8) would make it a silent 0
     with pytest.raises(ValueError, match=r"`images` must hold finite pixels .* \(the first at index \(3, 1, 2, 0\)\)"):
-        data.from_arrays(bad, labels)
+        sources.from_arrays(bad, labels)
     with pytest.raises(ValueError, match=r"`eval_data` images must hold finite pixels"):
-        data.from_arrays(images, labels, eval_data=(bad.astype("float64"), labels))
-    data.from_arrays(images.astype("float16"), labels)  # finite floats in [0, 255] stay accepted
+        sources.from_arrays(images, labels, eval_data=(bad.astype("float64"), labels))
+    sources.from_arrays(images.astype("float16"), labels)  # finite floats in [0, 255] stay accepted
 
 
 def _big_png(path, width, height):
@@ -333,8 +248,8 @@ def test_an_image_over_max_pixels_is_refused_before_it_is_decoded(tmp_path):
     with pytest.raises(ValueError, match=r"1 of 11 images under .* cannot be decoded by TensorFlow within "
                                          r"max_pixels=40000000: .*cat/huge.png \(20000x20000 image is over "
                                          r"max_pixels=40000000\)\. .*--max-pixels.*--skip-bad-images"):
-        data.load(str(root))
-    ds = data.load(str(root), skip_bad_images=True)
+        sources.load(str(root))
+    ds = sources.load(str(root), skip_bad_images=True)
     if growth is not None:
         assert growth() < 400, f"peak RSS grew by {growth():.0f} MB"  # a decode would take 1200 MB
     assert ds.skipped == [str(root / "cat" / "huge.png")] and len(ds.train) + len(ds.eval) == 10
@@ -342,9 +257,9 @@ def test_an_image_over_max_pixels_is_refused_before_it_is_decoded(tmp_path):
 
 def test_max_pixels_is_the_exact_bound(tmp_path):
     root = _image_folder(tmp_path / "pets", size=(20, 30))  # 600 pixels each
-    assert len(data.load(str(root), max_pixels=600).train) == 8
+    assert len(sources.load(str(root), max_pixels=600).train) == 8
     with pytest.raises(ValueError, match=r"10 of 10 images under .* within max_pixels=599: .*30x20 image is over"):
-        data.load(str(root), max_pixels=599)
+        sources.load(str(root), max_pixels=599)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
@@ -354,8 +269,8 @@ def test_fifos_and_devices_in_an_image_folder_are_refused_without_reading(tmp_pa
     os.symlink("/dev/zero", root / "dog" / "zero.jpg")
     with pytest.raises(ValueError, match=r"2 of 12 images .*cat/pipe.png \(not a regular file\), .*dog/zero.jpg "
                                          r"\(not a regular file\)"):
-        data.load(str(root))
-    assert len(data.load(str(root), skip_bad_images=True).skipped) == 2
+        sources.load(str(root))
+    assert len(sources.load(str(root), skip_bad_images=True).skipped) == 2
 
 
 def test_outputs_inside_an_image_folder_are_refused(tmp_path):
@@ -364,9 +279,49 @@ def test_outputs_inside_an_image_folder_are_refused(tmp_path):
     for name, path in (("output_dir", root / "runs" / "r1"), ("output_dir", root), ("export_dir", root / "dog"),
                        ("output_dir", tmp_path / "alias" / "run")):  # a link into the folder is inside too
         with pytest.raises(ValueError, match=rf"`{name}` {path} is inside the image folder {root}: "):
-            data.check_outside(str(root), **{name: path})
-    data.check_outside(str(root), output_dir=tmp_path / "pets_run", export_dir=None)  # a sibling is fine
-    data.check_outside(str(root / "cat"), output_dir=root / "dog")
+            sources.check_outside(str(root), **{name: path})
+    sources.check_outside(str(root), output_dir=tmp_path / "pets_run", export_dir=None)  # a sibling is fine
+    sources.check_outside(str(root / "cat"), output_dir=root / "dog")
     for other in ("cifar10", "sklearn:digits", _arrays()):  # no folder: nothing to refuse
-        data.check_outside(other, output_dir=root)
-    assert data.folder_source(str(root)) == str(root) and data.folder_source("cifar10") is None
+        sources.check_outside(other, output_dir=root)
+    assert sources.folder_source(str(root)) == str(root) and sources.folder_source("cifar10") is None
+
+
+def test_fingerprints_are_those_of_earlier_runs(tmp_path):
+    """The digests run.json holds: the values the single `Split(records, labels, kind)` class gave, byte for byte."""
+    images, labels = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3), np.array([0, 1])
+    assert sources.ArraySplit(images, labels).fingerprint() == "3d53f26c5b49f1ca1f98"
+    records = np.empty(2, dtype=object)
+    records[:] = [b"ab", b"cde"]
+    assert sources.EncodedSplit(records, np.array([1, 0])).fingerprint() == "a9a6688a4bb744e81576"
+    for path, body in (("pets/a/x.jpg", b"abc"), ("pets/b/y.png", b"abcde")):
+        (tmp_path / path).parent.mkdir(parents=True)
+        (tmp_path / path).write_bytes(body)
+    paths = np.array([str(tmp_path / "pets/a/x.jpg"), str(tmp_path / "pets/b/y.png")])
+    assert sources.FileSplit(paths, labels).fingerprint() == "6370a52572cee43fdbae"
+
+
+def test_every_in_memory_source_meets_the_split_interface(tmp_path):
+    """Arrays, encoded bytes and files: the same examples, read in order and in the stream, through one interface."""
+    images, labels = _arrays(n_per_class=2)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    encoded = np.empty(len(paths), dtype=object)
+    encoded[:] = [(tmp_path / f"{i}.png").read_bytes() for i in range(len(paths))]
+    splits = [sources.ArraySplit(images, labels), sources.EncodedSplit(encoded, labels),
+              sources.FileSplit(np.array(paths), labels)]
+    assert len({split.kind for split in splits}) == 3 and all(isinstance(s, sources.Split) for s in splits)
+    for split in splits:
+        decoded = [(split.decode(r).numpy(), int(y)) for r, y in split.ordered()]
+        np.testing.assert_array_equal(np.stack([x for x, _ in decoded]), images)  # PNG: lossless
+        assert [y for _, y in decoded] == labels.tolist() == split.labels.tolist()
+        fetch = split.fetcher()
+        order = [int(i) for i in split.stream(seed=1, first=0).take(len(split))]
+        assert sorted(order) == list(range(len(split)))  # one pass: every example once
+        record, label = fetch(order[0])
+        np.testing.assert_array_equal(split.decode(record), images[order[0]])
+        assert int(label) == labels[order[0]]
+        draw = split.subset(np.array([1, 3]))
+        assert type(draw) is type(split) and draw.labels.tolist() == labels[[1, 3]].tolist()

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from keras_bit.train import data, pipeline, tfds_data
+from keras_bit.train import pipeline, sources
+from keras_bit.train.sources import tfds as tfds_source
 
 TRAIN_IDS, TEST_IDS = range(60), range(100, 109)
 SHARDS = 4
@@ -69,7 +70,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(data_dir):
-    return tfds_data.from_tfds("keras_bit_tiny_shapes", data_dir=data_dir, shuffle_window=WINDOW)
+    return tfds_source.from_tfds("keras_bit_tiny_shapes", data_dir=data_dir, shuffle_window=WINDOW)
 
 
 @pytest.fixture
@@ -170,43 +171,43 @@ def test_eval_is_the_whole_split_in_a_fixed_order(tiny):
 
 
 def test_few_shot_draws_an_in_memory_split(tiny):
-    draw = data.few_shot(tiny.train, 3, 3, seed=5)
+    draw = sources.few_shot(tiny.train, 3, 3, seed=5)
     assert draw.kind == "encoded" and len(draw) == 9
     ids = _example_ids(draw.records)
     np.testing.assert_array_equal(draw.labels, [_label(i) for i in ids])
     assert np.bincount(draw.labels).tolist() == [3, 3, 3]
-    again = data.few_shot(tiny.train, 3, 3, seed=5)
-    assert _example_ids(again.records) == ids and _example_ids(data.few_shot(tiny.train, 3, 3, seed=6).records) != ids
+    again = sources.few_shot(tiny.train, 3, 3, seed=5)
+    assert _example_ids(again.records) == ids and _example_ids(sources.few_shot(tiny.train, 3, 3, seed=6).records) != ids
     x, _ = next(pipeline.train_pipeline(draw, 3, 32, 16, 12).as_numpy_iterator())  # a batch above the set size
     assert x.shape == (32, 12, 12, 3)
 
 
 def test_load_by_name_end_to_end(data_dir):
-    ds = data.load("keras_bit_tiny_shapes", data_dir=data_dir)
+    ds = sources.load("keras_bit_tiny_shapes", data_dir=data_dir)
     assert ds.name == "keras_bit_tiny_shapes" and ds.num_classes == 3 and ds.class_names == ["red", "green", "blue"]
     assert ds.image_size in {(10, 12), (11, 12), (12, 12)}  # shape unknown to tfds: the first image's
-    assert (len(ds.train), len(ds.eval)) == (60, 9) and ds.train.shuffle_window == tfds_data.SHUFFLE_WINDOW
+    assert (len(ds.train), len(ds.eval)) == (60, 9) and ds.train.shuffle_window == tfds_source.SHUFFLE_WINDOW
     x, y = _batches(ds.train, 1)[0]
     assert np.isfinite(x).all() and -1 <= x.min() and x.max() <= 1 and (y.sum(axis=1) == 1).all()
-    assert ds.train.fingerprint() == data.load("keras_bit_tiny_shapes", data_dir=data_dir).train.fingerprint()
-    sliced = tfds_data.from_tfds("keras_bit_tiny_shapes", split="train[:50%]", data_dir=data_dir)
+    assert ds.train.fingerprint() == sources.load("keras_bit_tiny_shapes", data_dir=data_dir).train.fingerprint()
+    sliced = tfds_source.from_tfds("keras_bit_tiny_shapes", split="train[:50%]", data_dir=data_dir)
     assert len(sliced.train) == 30 and sliced.train.fingerprint() != ds.train.fingerprint()
 
 
 def test_names_splits_and_arguments_are_checked(data_dir):
     with pytest.raises(ValueError, match="tfds has no data set of that name. Did you mean 'keras_bit_tiny_shapes'"):
-        data.load("keras_bit_tiny_shape", data_dir=data_dir)
+        sources.load("keras_bit_tiny_shape", data_dir=data_dir)
     with pytest.raises(ValueError, match=r"has no split 'trian': Unknown split"):
-        tfds_data.from_tfds("keras_bit_tiny_shapes", split="trian", data_dir=data_dir)
+        tfds_source.from_tfds("keras_bit_tiny_shapes", split="trian", data_dir=data_dir)
     with pytest.raises(ValueError, match="Received: shuffle_window=0"):
-        tfds_data.from_tfds("keras_bit_tiny_shapes", data_dir=data_dir, shuffle_window=0)
+        tfds_source.from_tfds("keras_bit_tiny_shapes", data_dir=data_dir, shuffle_window=0)
 
 
 def test_not_prepared_and_offline_fails_within_seconds(tmp_path, offline):
     started = time.monotonic()
     with pytest.raises(ValueError) as error:
-        data.load("keras_bit_tiny_remote", data_dir=str(tmp_path))
-    assert time.monotonic() - started < tfds_data.PROBE_TIMEOUT + 5
+        sources.load("keras_bit_tiny_remote", data_dir=str(tmp_path))
+    assert time.monotonic() - started < tfds_source.PROBE_TIMEOUT + 5
     message = str(error.value)
     assert "'keras_bit_tiny_remote' is not prepared in " + str(tmp_path) in message
     assert "could not be downloaded (no network?)" in message and "--data-dir" in message
@@ -217,15 +218,15 @@ def test_cifar10_not_prepared_and_offline_fails_within_seconds(tmp_path, offline
     """The reported defect: tfds' downloader retried for minutes; now the probe fails in seconds."""
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"tfds data set 'cifar10' is not prepared in .* could not be downloaded"):
-        data.load("cifar10", data_dir=str(tmp_path))
-    assert time.monotonic() - started < tfds_data.PROBE_TIMEOUT + 5
+        sources.load("cifar10", data_dir=str(tmp_path))
+    assert time.monotonic() - started < tfds_source.PROBE_TIMEOUT + 5
     with pytest.raises(ValueError, match="Could not load tfds data set 'no_such_dataset_xyz'"):
-        data.load("no_such_dataset_xyz", data_dir=str(tmp_path))
+        sources.load("no_such_dataset_xyz", data_dir=str(tmp_path))
 
 
 def test_image_size_comes_from_the_metadata_when_tfds_knows_it():
     # No training split is touched (None) when the feature has a fixed shape.
-    assert tfds_data._image_size(tfds.features.Image(shape=(32, 48, 3)), None) == (32, 48)
+    assert tfds_source._image_size(tfds.features.Image(shape=(32, 48, 3)), None) == (32, 48)
 
 
 class _Silent(http.server.BaseHTTPRequestHandler):
@@ -244,12 +245,12 @@ def test_probe_gives_up_on_a_silent_host_and_sees_any_answer(no_proxies):
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         started = time.monotonic()
-        assert not tfds_data._reachable([f"http://127.0.0.1:{silent.getsockname()[1]}/x"], timeout=0.5)
+        assert not tfds_source._reachable([f"http://127.0.0.1:{silent.getsockname()[1]}/x"], timeout=0.5)
         assert time.monotonic() - started < 2
     server = http.server.HTTPServer(("127.0.0.1", 0), _Silent)  # answers HEAD with 501: still a network
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        assert tfds_data._reachable([f"http://127.0.0.1:{server.server_port}/x"], timeout=5)
+        assert tfds_source._reachable([f"http://127.0.0.1:{server.server_port}/x"], timeout=5)
     finally:
         server.shutdown()
         server.server_close()

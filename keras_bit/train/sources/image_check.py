@@ -17,9 +17,9 @@ import stat
 
 import numpy as np
 
+from keras_bit.backend import tensorflow as _tensorflow
 from keras_bit.console import native_stderr_silenced
 from keras_bit.export import image_decode
-from keras_bit.backend import tensorflow as _tensorflow
 
 tf = _tensorflow("Fine-tuning")
 
