@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from keras_bit.train import report
+from keras_bit.train.run_dir import RunDir
 
 HEADER = "step,loss,accuracy,learning_rate,val_loss,val_accuracy,val_top5_accuracy"
 ROWS = 22  # one row per 10 steps; validation every 5 rows and at the last
@@ -102,7 +103,7 @@ def test_three_class_summary_is_a_real_picture(tmp_path):
 
 
 def test_three_class_figure_contents(tmp_path):
-    run = report.load_run(_run(tmp_path / "run"))
+    run = RunDir(_run(tmp_path / "run")).load()
     axes = _axes(report.summary_figure(run))
     # Validation is drawn only where it ran: rows 5, 10, 15, 20 and the last (22).
     val_lines = [line for line in axes["loss"].get_lines() if line.get_label() == "validation"]
@@ -125,7 +126,7 @@ def test_long_runs_get_a_running_mean(tmp_path):
     rng = np.random.default_rng(0)
     lines = [HEADER] + [f"{10 * i},{rng.random():.4f},{rng.random():.4f},0.001,,," for i in range(1, 301)]
     lines[-1] = lines[-1][:-3] + ",0.5,0.8,0.9"
-    run = report.load_run(_run(tmp_path / "run", lines=lines))
+    run = RunDir(_run(tmp_path / "run", lines=lines)).load()
     lines_by_label = {line.get_label(): line for line in _axes(report.summary_figure(run))["loss"].get_lines()}
     mean = lines_by_label["running mean (10 rows)"]  # 300 rows / 30
     loss = run.metrics["loss"]
@@ -136,7 +137,7 @@ def test_long_runs_get_a_running_mean(tmp_path):
 
 def test_fifty_classes_long_names(tmp_path):
     run_dir = _run(tmp_path / "run", classes=50, long_names=True)
-    axes = _axes(report.summary_figure(report.load_run(run_dir)))
+    axes = _axes(report.summary_figure(RunDir(run_dir).load()))
     confusion = axes["confusion_matrix"]
     assert len(confusion.texts) == 0
     shown = [tick for tick in confusion.get_xticks() if -0.5 <= tick <= 49.5]
@@ -148,7 +149,7 @@ def test_fifty_classes_long_names(tmp_path):
 
 
 def test_twenty_classes_get_shortened_names_without_counts(tmp_path):
-    run = report.load_run(_run(tmp_path / "run", classes=20, long_names=True))
+    run = RunDir(_run(tmp_path / "run", classes=20, long_names=True)).load()
     confusion = _axes(report.summary_figure(run))["confusion_matrix"]
     labels = [t.get_text() for t in confusion.get_yticklabels()]
     assert len(set(labels)) == 20 and all(len(name) <= 20 for name in labels)  # cut short, yet told apart
@@ -159,7 +160,7 @@ def test_twenty_classes_get_shortened_names_without_counts(tmp_path):
 def test_names_differing_only_in_the_middle_get_their_index(tmp_path):
     results = _results(12)
     results["class_names"] = [f"Amanita species {i:02d} of a long-named genus" for i in range(12)]
-    run = report.load_run(_run(tmp_path / "run", results=results))
+    run = RunDir(_run(tmp_path / "run", results=results)).load()
     labels = [t.get_text() for t in _axes(report.summary_figure(run))["confusion_matrix"].get_xticklabels()]
     assert len(set(labels)) == 12 and all(len(name) <= 20 for name in labels)
     assert labels[0].startswith("0: Amanita") and labels[11].startswith("11: Amanita")
@@ -174,8 +175,8 @@ def test_same_data_same_pixels_different_data_different_pixels(tmp_path):
     assert np.abs(a - b).mean() > 0.5
 
 
-def test_load_run_reads_the_values(tmp_path):
-    run = report.load_run(_run(tmp_path / "run"))
+def test_load_reads_the_values(tmp_path):
+    run = RunDir(_run(tmp_path / "run")).load()
     assert run.rows == ROWS
     np.testing.assert_array_equal(run.metrics["step"], np.arange(10, 10 * ROWS + 1, 10))
     assert run.metrics["learning_rate"][3] == pytest.approx(0.003 * 40 / 44)  # warm-up
@@ -190,7 +191,7 @@ def test_load_run_reads_the_values(tmp_path):
 
 def test_run_without_results_draws_curves_and_a_note(tmp_path):
     run_dir = _run(tmp_path / "run", results=False, lines=_metrics_lines()[:14])  # stopped after step 130
-    run = report.load_run(run_dir)
+    run = RunDir(run_dir).load()
     assert run.results is None and run.rows == 13
     figure = report.summary_figure(run)
     assert "no final evaluation yet (last logged step 130)" in figure._suptitle.get_text()
@@ -204,7 +205,7 @@ def test_run_without_results_draws_curves_and_a_note(tmp_path):
 
 def test_results_without_rows_still_draw(tmp_path):
     run_dir = _run(tmp_path / "run", lines=[HEADER])
-    run = report.load_run(run_dir)
+    run = RunDir(run_dir).load()
     assert run.rows == 0 and run.results.steps == 220
     assert "no rows in metrics.csv yet" in _axes(report.summary_figure(run))["loss"].texts[0].get_text()
 
@@ -220,7 +221,7 @@ def test_resumed_run_keeps_the_latest_rows(tmp_path):
     lines = _metrics_lines()
     # Killed after step 70, resumed from the backup at step 50: steps 60 and 70 are logged again.
     resumed = lines[:8] + [line.replace(",0.", ",0.9", 1) for line in lines[6:]]
-    run = report.load_run(_run(tmp_path / "run", lines=resumed))
+    run = RunDir(_run(tmp_path / "run", lines=resumed)).load()
     np.testing.assert_array_equal(run.metrics["step"], np.arange(10, 221, 10))
     assert run.metrics["loss"][5] == float(resumed[8].split(",")[1])  # step 60 from the resumed run
 
@@ -230,12 +231,12 @@ def test_unterminated_last_row_of_a_live_run_is_ignored(tmp_path, caplog):
     with open(os.path.join(run_dir, "metrics.csv"), "a") as f:
         f.write("230,0.12")  # the writer is mid-row
     with caplog.at_level(logging.WARNING, logger="keras_bit"):
-        run = report.load_run(run_dir)
+        run = RunDir(run_dir).load()
     assert run.rows == ROWS and "unterminated last line 24" in caplog.text
     with open(os.path.join(run_dir, "metrics.csv"), "a") as f:
         f.write("\n")  # the same row, finished with a newline, is corrupt
     with pytest.raises(ValueError, match=r"metrics.csv line 24: expected 7 comma-separated cells"):
-        report.load_run(run_dir)
+        RunDir(run_dir).load()
 
 
 def _replace_line(number, text):
@@ -264,7 +265,7 @@ def _replace_line(number, text):
 def test_malformed_metrics_name_the_file_and_line(tmp_path, lines, message):
     run_dir = _run(tmp_path / "run", lines=lines)
     with pytest.raises(ValueError, match=r"metrics\.csv " + message):
-        report.load_run(run_dir)
+        RunDir(run_dir).load()
 
 
 def test_undecodable_bytes_name_the_line(tmp_path):
@@ -273,11 +274,11 @@ def test_undecodable_bytes_name_the_line(tmp_path):
         f.seek(len(HEADER) + 1 + len(_metrics_lines()[1]) + 1 + 3)  # line 3, inside the loss cell
         f.write(b"\xff")
     with pytest.raises(ValueError, match=r"metrics\.csv line 3, column 'loss': expected a number"):
-        report.load_run(run_dir)
+        RunDir(run_dir).load()
 
 
 def test_a_diverged_loss_is_data_not_an_error(tmp_path):
-    run = report.load_run(_run(tmp_path / "run", lines=_replace_line(23, "220,nan,0.1,0.0,nan,0.1,0.5")))
+    run = RunDir(_run(tmp_path / "run", lines=_replace_line(23, "220,nan,0.1,0.0,nan,0.1,0.5"))).load()
     assert np.isnan(run.metrics["loss"][-1]) and np.isnan(run.metrics["val_loss"][-1])
     assert run.metrics["val_accuracy"][-1] == 0.1
 
@@ -319,7 +320,7 @@ def _broken_results(*where, value=_DROP):
 def test_malformed_results_name_the_file_and_key(tmp_path, results, message):
     run_dir = _run(tmp_path / "run", results=results)
     with pytest.raises(ValueError, match=r"results\.json: .*" + message):
-        report.load_run(run_dir)
+        RunDir(run_dir).load()
 
 
 def test_results_that_are_not_json_name_the_line(tmp_path):
@@ -327,21 +328,21 @@ def test_results_that_are_not_json_name_the_line(tmp_path):
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         f.write('{\n  "steps": 220,\n  "eval": {"loss": 0.4,,}\n}\n')
     with pytest.raises(ValueError, match=r"results\.json line 3: not valid JSON"):
-        report.load_run(run_dir)
+        RunDir(run_dir).load()
 
 
 def test_class_names_fall_back_to_class_names_txt(tmp_path):
     results = _results(3)
     del results["class_names"]
     run_dir = _run(tmp_path / "run", results=results)
-    assert report.load_run(run_dir).results.class_names == ["0", "1", "2"]
+    assert RunDir(run_dir).load().results.class_names == ["0", "1", "2"]
     with open(os.path.join(run_dir, "class_names.txt"), "w") as f:
         f.write("cat\ndog\nbird\n")
-    assert report.load_run(run_dir).results.class_names == ["cat", "dog", "bird"]
+    assert RunDir(run_dir).load().results.class_names == ["cat", "dog", "bird"]
     with open(os.path.join(run_dir, "class_names.txt"), "w") as f:
         f.write("cat\ndog\n")
     with pytest.raises(ValueError, match=r"class_names\.txt: 2 class names for a 3x3 confusion matrix"):
-        report.load_run(run_dir)
+        RunDir(run_dir).load()
 
 
 def test_not_a_run_folder(tmp_path):
@@ -405,9 +406,10 @@ def test_a_failed_write_leaves_the_previous_picture(tmp_path, monkeypatch):
 
 
 def test_report_module_imports_neither_tensorflow_nor_keras():
-    # Loaded by file path, run_record first under its package name, so that keras_bit/__init__.py
+    # Loaded by file path, io and run_dir first under their package names, so that keras_bit/__init__.py
     # (which does import Keras) stays out of it.
-    from keras_bit.train import run_record
+    from keras_bit import io
+    from keras_bit.train import run_dir
 
     code = (
         "import importlib.util, sys\n"
@@ -415,7 +417,8 @@ def test_report_module_imports_neither_tensorflow_nor_keras():
         "    spec = importlib.util.spec_from_file_location(name, path)\n"
         "    module = sys.modules[name] = importlib.util.module_from_spec(spec)\n"
         "    spec.loader.exec_module(module)\n"
-        f"load('keras_bit.train.run_record', {run_record.__file__!r})\n"
+        f"load('keras_bit.io', {io.__file__!r})\n"
+        f"load('keras_bit.train.run_dir', {run_dir.__file__!r})\n"
         f"load('report', {report.__file__!r})\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'matplotlib')))\n"
     )

@@ -18,15 +18,9 @@ Keras 3.15's optimizer counters, checked in its source and by the tests:
   included, on a step whose gradients overflow, so under it the counter may
   lag the step: it is checked to be at most the expected value, not equal.
 
-Typical use (inside `strategy.scope()`, after `model.compile(...)`):
-
-```python
-step = backup.restore(model, backup_dir, iterations_per_step=accumulation)
-model.fit(data_from(step), initial_epoch=step // steps_per_epoch, epochs=total // steps_per_epoch,
-          steps_per_epoch=steps_per_epoch * accumulation,
-          callbacks=[backup.Backup(backup_dir, steps_per_epoch=steps_per_epoch, total_steps=total,
-                                   every=checkpoint_every)])
-```
+Typical use: `step = restore(model, backup_dir, iterations_per_step=k)` inside
+`strategy.scope()` after `model.compile(...)`, then `model.fit(...,
+initial_epoch=step // steps_per_epoch, callbacks=[Backup(backup_dir, ...)])`.
 """
 
 import errno
@@ -39,17 +33,15 @@ import shutil
 import keras
 import numpy as np
 
-from keras_bit.train.run_record import TEMP_PREFIX as _TEMP_PREFIX
-from keras_bit.train.run_record import temp_path
+from keras_bit.io import TEMP_PREFIX, atomic_path, write_text
 from keras_bit.validation import check_positive_int
 from keras_bit.weights.download import sha256_of
 
 logger = logging.getLogger("keras_bit")
 
 _NAME = re.compile(r"^step-(\d{9})\.weights\.h5$")
-# A file being written has a name of `run_record.temp_path`: `.writing-<pid>-<random>-<final name>`. Keras
-# only writes names ending in `.weights.h5`; the leading dot keeps it out of `ls` and out of `_NAME`, so
-# `restore` never sees it.
+# A file being written is named by `keras_bit.io.temp_path` (`.writing-<pid>-<random>-<final name>`, the
+# `.weights.h5` ending Keras needs): the leading dot keeps it out of `ls` and of `_NAME`, so `restore` never sees it.
 # Each backup's sha256, in `step-N.weights.h5.sha256` beside it.
 _DIGEST_SUFFIX = ".sha256"
 # keras.callbacks.BackupAndRestore's files (the format used before this module).
@@ -146,35 +138,15 @@ def _discard(temp):
         logger.warning("Could not remove %s: %s", temp, _one_line(e))
 
 
-def _fsync(path):
-    # A folder is fsync'ed so that the rename itself survives a power loss (POSIX only).
-    if os.path.isdir(path) and not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_temp_files(folder):
     # One process writes backups (a fine-tuning run holds its output_dir: keras_bit.train.run_lock), so
     # any temporary file is left by a killed write; so is a digest whose backup never got its final name.
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name.startswith(_TEMP_PREFIX):
+        if name.startswith(TEMP_PREFIX):
             _remove(path)
         elif name.endswith(_DIGEST_SUFFIX) and not os.path.exists(path[: -len(_DIGEST_SUFFIX)]):
             _remove(path)
-
-
-def _write_digest(weights_path, digest_path):
-    """Writes the sha256 of `weights_path` beside it, atomically: HDF5 cannot see a flipped byte in its data."""
-    temp = temp_path(digest_path)
-    with open(temp, "w") as f:
-        f.write(sha256_of(weights_path) + "\n")
-    _fsync(temp)
-    os.replace(temp, digest_path)
 
 
 def _check_digest(path):
@@ -195,14 +167,13 @@ def _prune(folder, step, keep):
     one), so it is unusable.
     """
     backups = list_backups(folder)
+    kept = [b for b in backups if b[0] <= step][:keep]
     for s, path in backups:
         if s > step:
             logger.warning("Removing %s: it is later than step %d, so it could not be restored.", path, step)
+        if (s, path) not in kept:
             _remove(path)
             _remove(path + _DIGEST_SUFFIX)
-    for _, path in [b for b in backups if b[0] <= step][keep:]:
-        _remove(path)
-        _remove(path + _DIGEST_SUFFIX)
     _remove_temp_files(folder)
 
 
@@ -217,21 +188,22 @@ def _write_backup(model, backup_dir, step, keep):
     """Writes the backup of `model` at `step` (see `Backup`); returns its path or raises `BackupError`."""
     folder = os.fspath(backup_dir)
     final = backup_path(folder, step)
-    temp = temp_path(final)
     previous = next(((s, p) for s, p in list_backups(folder) if s < step), None)
     try:
         os.makedirs(folder, exist_ok=True)
         _remove_temp_files(folder)  # they hold disk space the new file needs
         _check_free_space(model, folder, previous and previous[1])
-        model.save_weights(temp)
-        _fsync(temp)
-        # The digest goes in place first, so every backup under a final name has one.
-        _write_digest(temp, final + _DIGEST_SUFFIX)
-        os.replace(temp, final)
-        _fsync(folder)
+        with atomic_path(final, durable=True) as temp:  # fsync'ed, renamed, the folder fsync'ed
+            try:
+                model.save_weights(temp)
+                # HDF5 cannot see a flipped byte in its data: a sha256 beside each backup does. It goes
+                # in place first, so every backup under a final name has one.
+                write_text(final + _DIGEST_SUFFIX, sha256_of(temp) + "\n", durable=True)
+            except BaseException:
+                _discard(temp)  # before atomic_path removes it: HDF5's handle must go first
+                raise
     except BaseException as e:
-        _discard(temp)
-        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: clean up, do not disguise
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: cleaned up, not disguised
             raise
         raise BackupError(_failure_message(step, folder, e, previous)) from e
     logger.debug("Backed up step %d to %s", step, final)
@@ -258,9 +230,10 @@ def _failure_message(step, folder, error, previous):
     return f"Cannot back up step {step} to {folder}: {cause}. {after}"
 
 
-def _optimizer_steps(optimizer):
-    """Optimizer steps taken, as Keras counts them (micro-batches floor-divided under accumulation)."""
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+def _counter_agrees(optimizer, counted, expected):
+    """Whether a step counter agrees with the step: a LossScaleOptimizer does not count the steps it skipped."""
+    skips = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    return counted == expected or (skips and 0 <= counted <= expected)
 
 
 class Backup(keras.callbacks.Callback):
@@ -320,11 +293,8 @@ class Backup(keras.callbacks.Callback):
         self._written.add(step)
 
     def _check_step(self, epoch, step):
-        optimizer = self.model.optimizer
-        taken = _optimizer_steps(optimizer)
-        # A LossScaleOptimizer does not count the steps it skipped (overflowing gradients).
-        skips = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        if taken == step or (skips and 0 <= taken <= step):
+        taken = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))  # micro-batches // accumulation
+        if _counter_agrees(self.model.optimizer, taken, step):
             return
         raise ValueError(
             f"After epoch {epoch} the optimizer has taken {taken} steps, but Backup(steps_per_epoch="
@@ -356,10 +326,9 @@ def _load(model, path, step, iterations_per_step, counter):
     model.load_weights(path)
     saved = int(keras.ops.convert_to_numpy(counter))
     expected = step * iterations_per_step
-    skips = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     if saved == -1:
         raise ValueError("it holds no optimizer state matching this optimizer")
-    if saved != expected and not (skips and 0 <= saved <= expected):
+    if not _counter_agrees(optimizer, saved, expected):
         raise ValueError(f"its optimizer step counter is {saved}, expected {expected} "
                          f"(step {step} x iterations_per_step {iterations_per_step})")
     for v in list(model.weights) + list(optimizer.variables):

@@ -14,47 +14,34 @@ TensorBoard gets the same scalars against the step, in the runs `train` and
 `validation` under `logs/`.
 """
 
-import csv
-import io
 import math
 import os
 import time
 
 import keras
 
-from keras_bit.train.run_record import METRICS_COLUMNS, METRICS_FILE, write_text
 from keras_bit.backend import tensorflow as _tensorflow
+from keras_bit.train.run_dir import METRICS_COLUMNS
 
 tf = _tensorflow("Fine-tuning")
 
-COLUMNS = METRICS_COLUMNS
 _TRAIN = ("loss", "accuracy")
 _VAL = ("val_loss", "val_accuracy", "val_top5_accuracy")
 
 
-def read_rows(path, up_to_step):
-    """Rows of an existing metrics.csv with `step <= up_to_step` (values as strings); [] if absent or foreign."""
+def _rows_up_to(run_dir, step):
+    """The rows of the run's metrics.csv up to `step` (a resumed run's); [] if it is absent, foreign or damaged."""
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                return []
-            return [row for row in reader if int(row["step"]) <= up_to_step]
-    except (OSError, ValueError, KeyError):
+        return [row for row in run_dir.read_metrics() if row["step"] <= step]
+    except (OSError, ValueError):
         return []
-
-
-def _format(value):
-    if value is None:
-        return ""
-    return f"{float(value):.6g}"
 
 
 class RunLog(keras.callbacks.Callback):
     """Writes metrics.csv and TensorBoard scalars, and prints one line per chunk of steps.
 
     Args:
-        output_dir: the run folder.
+        run_dir: the run folder, a `keras_bit.train.run_dir.RunDir`.
         learning_rate: callable `step -> float` (the schedule, in optimizer steps).
         steps_per_epoch: optimizer steps per Keras epoch.
         total_steps: optimizer steps of the whole run (the last epoch may be shorter).
@@ -63,19 +50,18 @@ class RunLog(keras.callbacks.Callback):
         verbose: print the progress lines.
     """
 
-    def __init__(self, output_dir, learning_rate, steps_per_epoch, total_steps, start_step=0, write=True,
+    def __init__(self, run_dir, learning_rate, steps_per_epoch, total_steps, start_step=0, write=True,
                  verbose=True):
         super().__init__()
-        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.run_dir = run_dir
         self.learning_rate = learning_rate
         self.steps_per_epoch = steps_per_epoch
         self.total = total_steps
         self.write = write
         self.verbose = verbose
-        self.rows = read_rows(self.path, start_step) if write else []
+        self.rows = _rows_up_to(run_dir, start_step) if write else []
         self.history = []
         self._writers = {}
-        self._logs_dir = os.path.join(output_dir, "logs")
         self._start = time.monotonic()
 
     def step_at_end(self, epoch):
@@ -100,8 +86,8 @@ class RunLog(keras.callbacks.Callback):
             row = {"step": step, "learning_rate": self.learning_rate(step - 1)}
             row.update({k: None for k in _TRAIN})
             for previous in self.rows:
-                if int(previous["step"]) == step:
-                    row.update({k: float(previous[k]) if previous[k] else None for k in _TRAIN})
+                if previous["step"] == step:
+                    row.update({k: previous[k] for k in _TRAIN})
             self.history.append(row)
         row.update(val_loss=evaluation["loss"], val_accuracy=evaluation["accuracy"],
                    val_top5_accuracy=evaluation["top5_accuracy"])
@@ -115,23 +101,16 @@ class RunLog(keras.callbacks.Callback):
 
     def _emit(self, row, show=True):
         if self.write:
-            self.rows = [r for r in self.rows if int(r["step"]) != row["step"]]
-            self.rows.append({k: _format(row.get(k)) if k != "step" else str(row["step"]) for k in COLUMNS})
-            self._write_csv()
+            self.rows = [r for r in self.rows if r["step"] != row["step"]]
+            self.rows.append({k: row.get(k) for k in METRICS_COLUMNS})
+            self.run_dir.write_metrics(self.rows)
             self._write_scalars(row)
         if self.verbose and show:
             print(self._line(row), flush=True)
 
-    def _write_csv(self):
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(sorted(self.rows, key=lambda r: int(r["step"])))
-        write_text(self.path, buffer.getvalue())
-
     def _writer(self, name):
         if name not in self._writers:
-            self._writers[name] = tf.summary.create_file_writer(os.path.join(self._logs_dir, name))
+            self._writers[name] = tf.summary.create_file_writer(os.path.join(self.run_dir.logs_dir, name))
         return self._writers[name]
 
     def _write_scalars(self, row):

@@ -1,17 +1,9 @@
 """One picture of a fine-tuning run: curves, learning rate and confusion matrix.
 
-Reads what `keras_bit.train.finetune` writes into its `output_dir`:
-
-- `metrics.csv`: one row per chunk of optimizer steps (see `METRICS_COLUMNS`);
-  the three `val_*` cells are empty where no evaluation ran;
-- `results.json` (written when the run ends): `steps`, `eval` (`loss`,
-  `accuracy`, `top5_accuracy`, `examples`), `confusion_matrix` (rows = true
-  class) and `class_names`;
-- `class_names.txt`: one name a line (used when `results.json` has none);
-
-and draws `summary.png`. Only NumPy and (optionally) matplotlib are used, never
-TensorFlow, so a run folder copied off a GPU or TPU machine can be drawn
-anywhere.
+Reads a run folder through `keras_bit.train.run_dir.RunDir.load` (its
+metrics.csv and results.json) and draws its summary.png. Only NumPy and
+(optionally) matplotlib are used, never TensorFlow, so a run folder copied
+off a GPU or TPU machine can be drawn anywhere.
 
 Example:
     >>> from keras_bit.train import report
@@ -23,7 +15,8 @@ import os
 
 import numpy as np
 
-from keras_bit.train.run_record import INSTALL_HINT, METRICS_FILE, RESULTS_FILE, SUMMARY_FILE, load_run, temp_path
+from keras_bit.io import atomic_path
+from keras_bit.train.run_dir import INSTALL_HINT, RunDir
 
 logger = logging.getLogger("keras_bit")
 
@@ -44,7 +37,7 @@ def write_summary(run_dir, output=None):
         The path written, or None when matplotlib is not installed.
 
     Raises:
-        ValueError: as `load_run`, or `output` does not end in `.png`.
+        ValueError: as `RunDir.load`, or `output` does not end in `.png`.
 
     Example:
         >>> write_summary("runs/flowers")
@@ -64,7 +57,7 @@ def main(run_dir, output=None):
     for the picture.
 
     Raises:
-        ValueError: a user error (`load_run`'s, a bad `output`, or matplotlib
+        ValueError: a user error (`RunDir.load`'s, a bad `output`, or matplotlib
             missing, with the command that installs it).
     """
     try:
@@ -74,30 +67,15 @@ def main(run_dir, output=None):
 
 
 def _write(run_dir, output):
-    run = load_run(run_dir)
-    path = _output_path(run.run_dir, output)
-    return _save_atomically(summary_figure(run), path)
-
-
-def _output_path(run_dir, output):
-    path = os.path.join(run_dir, SUMMARY_FILE) if output is None else os.fspath(output)
+    run_dir = RunDir(run_dir)
+    run = run_dir.load()
+    path = run_dir.summary_png if output is None else os.fspath(output)
     if not path.lower().endswith(".png"):
         raise ValueError(f"`output` must be a .png path. Received: output={output!r}")
-    return path
-
-
-def _save_atomically(figure, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # Same folder, so os.replace is a rename on one file system.
-    partial = temp_path(os.path.join(folder, os.path.basename(path)))
-    try:
-        with open(partial, "wb") as f:
-            figure.savefig(f, format="png")
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    figure = summary_figure(run)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as partial, open(partial, "wb") as f:
+        figure.savefig(f, format="png")
     return path
 
 
@@ -109,7 +87,7 @@ def summary_figure(run):
     step, stacked on the left; the final confusion matrix on the right.
 
     Args:
-        run: a `RunRecord` from `load_run`.
+        run: a `RunRecord` from `RunDir.load`.
 
     Returns:
         A `matplotlib.figure.Figure`; its axes carry the labels "loss",
@@ -131,7 +109,8 @@ def summary_figure(run):
     _plot_curves(run.metrics, loss, accuracy, learning_rate)
     if run.results is None:
         confusion.set_axis_off()
-        confusion.text(0.5, 0.5, f"No final evaluation yet\n(no {RESULTS_FILE}: the run is still going or was stopped)",
+        confusion.text(0.5, 0.5, f"No final evaluation yet\n(no {RunDir.results_json_name}: the run is still going or "
+                                 "was stopped)",
                        ha="center", va="center", fontsize=13, color="0.4", transform=confusion.transAxes)
     else:
         _plot_confusion(figure, confusion, run.results)
@@ -168,7 +147,7 @@ def _plot_curves(metrics, loss, accuracy, learning_rate):
     for ax in (loss, accuracy, learning_rate):
         ax.grid(True, alpha=0.3)
         if not len(step):
-            ax.text(0.5, 0.5, f"no rows in {METRICS_FILE} yet", ha="center", va="center", color="0.4",
+            ax.text(0.5, 0.5, f"no rows in {RunDir.metrics_csv_name} yet", ha="center", va="center", color="0.4",
                     transform=ax.transAxes)
         elif ax.get_legend_handles_labels()[0]:
             # Above the panel, not inside it: curves fill every corner at some point.

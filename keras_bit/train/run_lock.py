@@ -17,7 +17,7 @@ import os
 import socket
 import stat
 
-from keras_bit.train.run_record import LOCK_FILE
+from keras_bit.train.run_dir import RunDir
 
 try:
     import fcntl
@@ -58,7 +58,7 @@ def _describe(holder):
 
 @contextlib.contextmanager
 def hold(run_dir):
-    """Holds `run_dir` for one run: refuses it (RunFolderBusyError) while another run holds it.
+    """Holds `run_dir` (a `RunDir` or path) for one run: refuses it (RunFolderBusyError) while another run holds it.
 
     `run_dir` is created if missing, and removed again on the way out if it
     is still empty (a run refused later, e.g. for its data, leaves nothing).
@@ -75,10 +75,10 @@ def hold(run_dir):
         >>> with hold("runs/flowers"):  # doctest: +SKIP
         ...     train()
     """
-    run_dir = os.fspath(run_dir)
+    run_dir = RunDir(run_dir)
+    path, run_dir = run_dir.lock, run_dir.path
     created = not os.path.isdir(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, LOCK_FILE)
     fd = None
     try:
         fd = _acquire(run_dir, path)

@@ -1,11 +1,14 @@
-"""The run folder's own files: temporary names unique per process and call, atomic writes, run.json read as
-hostile input, the recorded export, and the lock that gives a folder to one run at a time (run_lock.py).
+"""The run folder (`RunDir`): its layout, the writable-folder check, temporary names unique per process and call,
+atomic writes, run.json read as hostile input, metrics.csv written and read back, the recorded export, and the lock
+that gives a folder to one run at a time (run_lock.py). `RunDir.load` (what `keras-bit report` reads) is checked
+file by file in test_train_report.py.
 
 No TensorFlow, no training here: the lock is exercised by threads and by real processes that hold it, exit
 or are killed; the fine-tuning tests check that `finetune` takes it (test_train_finetune.py).
 """
 
 import json
+import math
 import os
 import signal
 import socket
@@ -16,8 +19,12 @@ import threading
 import pytest
 
 from helpers import HeldElsewhere
-from keras_bit.train import run_lock, run_record
+from keras_bit import io
+from keras_bit.train import run_lock
+from keras_bit.train.run_dir import METRICS_COLUMNS, RunDir
 from keras_bit.train.run_lock import RunFolderBusyError, hold
+
+LOCK = "run.lock"
 
 
 @pytest.fixture(autouse=True)
@@ -26,18 +33,62 @@ def _fresh_keras_state():
     yield
 
 
+# --- The layout and the folder check. ---
+
+
+def test_every_file_of_a_run_has_its_place(tmp_path, monkeypatch):
+    run_dir = RunDir(tmp_path / "run")
+    assert run_dir.path == str(tmp_path / "run") == os.fspath(run_dir)
+    places = {"run_json": "run.json", "backup_dir": "backup", "logs_dir": "logs", "metrics_csv": "metrics.csv",
+              "results_json": "results.json", "class_names_txt": "class_names.txt",
+              "skipped_txt": "skipped_images.txt", "model_keras": "model.keras", "summary_png": "summary.png",
+              "lock": "run.lock"}
+    for attribute, name in places.items():
+        assert getattr(run_dir, attribute) == str(tmp_path / "run" / name)
+    monkeypatch.chdir(tmp_path)
+    assert RunDir("run").path == str(tmp_path / "run")  # absolute, whatever the working folder later becomes
+
+
+def test_output_dir_that_is_a_broken_link_or_below_a_file(tmp_path):
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    os.symlink(tmp_path / "missing", tmp_path / "dangling")
+    for name in ("loop", "dangling"):
+        with pytest.raises(ValueError, match=rf"`output_dir` is a symbolic link that leads nowhere \(a loop, or a "
+                                             rf"missing target\): {tmp_path / name} -> "):
+            RunDir.checked(tmp_path / name)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=rf"The parent of `output_dir` is not a folder: {tmp_path / 'file'}"):
+        RunDir.checked(tmp_path / "file" / "run")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "alias")  # a link to a folder is a folder
+    assert RunDir.checked(tmp_path / "alias").path == str(tmp_path / "alias")
+
+
+def test_output_dir_check_leaves_nothing_behind(tmp_path):
+    for empty in (None, "", "  "):
+        with pytest.raises(ValueError, match=r"`output_dir` must be a non-empty path. Received: output_dir="):
+            RunDir.checked(empty)
+    with pytest.raises(ValueError, match=r"The parent of `output_dir` does not exist: "):
+        RunDir.checked(tmp_path / "no" / "run")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"`output_dir` is a file, not a folder: "):
+        RunDir.checked(tmp_path / "file")
+    assert RunDir.checked(tmp_path / "new").path == str(tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # created for the write probe, then removed
+
+
 # --- Temporary names and atomic writes. ---
 
 
 def test_temp_paths_are_unique_per_call_and_process_and_keep_the_ending(tmp_path):
     target = tmp_path / "step-000000010.weights.h5"
-    names = {run_record.temp_path(target) for _ in range(100)}
+    names = {io.temp_path(target) for _ in range(100)}
     assert len(names) == 100
     for name in names:
         base = os.path.basename(name)
         assert os.path.dirname(name) == str(tmp_path)
         # The pid makes it unique across processes (on one host), the random part across calls and threads.
-        assert base.startswith(f"{run_record.TEMP_PREFIX}{os.getpid()}-") and base.endswith("-" + target.name)
+        assert base.startswith(f"{io.TEMP_PREFIX}{os.getpid()}-") and base.endswith("-" + target.name)
 
 
 def test_concurrent_writers_of_one_file_never_collide(tmp_path):
@@ -49,7 +100,7 @@ def test_concurrent_writers_of_one_file_never_collide(tmp_path):
     def write(worker):
         try:
             for i in range(40):
-                run_record.write_json(path, {"worker": worker, "i": i, "pad": "x" * 2000})
+                RunDir(tmp_path).write_settings({"worker": worker, "i": i, "pad": "x" * 2000})
         except Exception as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
 
@@ -63,12 +114,12 @@ def test_concurrent_writers_of_one_file_never_collide(tmp_path):
     assert os.listdir(tmp_path) == ["run.json"]  # no temporary file left
 
 
-def test_write_text_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "class_names.txt"
-    run_record.write_text(path, "cat\ndog\n")
+    RunDir(tmp_path).write_class_names(["cat", "dog"])
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError, match="No space left"):
-        run_record.write_text(path, "other\n")
+        RunDir(tmp_path).write_class_names(["other"])
     assert path.read_text() == "cat\ndog\n" and os.listdir(tmp_path) == ["class_names.txt"]
 
 
@@ -85,18 +136,18 @@ def test_run_json_that_is_not_an_object_names_the_file(tmp_path, content, messag
     path = tmp_path / "run.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=f"run settings file {path} {message}.*Delete it with the backup folder"):
-        run_record.read_run_json(tmp_path)
+        RunDir(tmp_path).read_settings()
 
 
 def test_run_json_that_is_a_fifo_or_folder_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "run.json")  # reading it would wait forever for a writer
     with pytest.raises(ValueError, match=r"run.json is a FIFO, not a regular file"):
-        run_record.read_run_json(tmp_path)
+        RunDir(tmp_path).read_settings()
     os.remove(tmp_path / "run.json")
     (tmp_path / "run.json").mkdir()
     with pytest.raises(ValueError, match=r"run.json is a folder, not a regular file"):
-        run_record.read_run_json(tmp_path)
-    assert run_record.read_run_json(tmp_path / "no_such_run") is None
+        RunDir(tmp_path).read_settings()
+    assert RunDir(tmp_path / "no_such_run").read_settings() is None
 
 
 def test_recorded_export_is_an_existing_folder_or_none(tmp_path):
@@ -106,10 +157,37 @@ def test_recorded_export_is_an_existing_folder_or_none(tmp_path):
     for content in ("[1]", "{bad", '{"export_path": 3}', '{"export_path": ["x"]}', "{}",
                     json.dumps({"export_path": str(tmp_path / "gone")})):
         results.write_text(content)
-        assert run_record.recorded_export(tmp_path) is None, content
+        assert RunDir(tmp_path).recorded_export() is None, content
     results.write_text(json.dumps({"export_path": str(version)}))
-    assert run_record.recorded_export(tmp_path) == str(version)
-    assert run_record.recorded_export(tmp_path / "no_such_run") is None
+    assert RunDir(tmp_path).recorded_export() == str(version)
+    assert RunDir(tmp_path / "no_such_run").recorded_export() is None
+
+
+def test_skipped_images_are_written_only_when_there_are_some(tmp_path):
+    RunDir(tmp_path).write_skipped([])
+    assert os.listdir(tmp_path) == []
+    RunDir(tmp_path).write_skipped(["a/bad.jpg", "b/empty.png"])
+    assert (tmp_path / "skipped_images.txt").read_text() == "a/bad.jpg\nb/empty.png\n"
+
+
+# --- metrics.csv: one writer, one reader. ---
+
+
+def test_metrics_written_are_read_back_as_written(tmp_path):
+    run_dir = RunDir(tmp_path)
+    rows = [{"step": 8, "loss": 0.25, "accuracy": 0.5, "learning_rate": 0.0, "val_loss": float("nan"),
+             "val_accuracy": 0.125, "val_top5_accuracy": 1.0},
+            {"step": 4, "loss": float("nan"), "accuracy": 1 / 3, "learning_rate": 3e-05, "val_loss": None,
+             "val_accuracy": None, "val_top5_accuracy": None}]
+    run_dir.write_metrics(rows)
+    assert (tmp_path / "metrics.csv").read_text() == (
+        ",".join(METRICS_COLUMNS) + "\n4,nan,0.333333,3e-05,,,\n8,0.25,0.5,0,nan,0.125,1\n")
+    back = run_dir.read_metrics()
+    assert [r["step"] for r in back] == [4, 8] and back[0]["val_loss"] is None and back[0]["accuracy"] == 0.333333
+    assert math.isnan(back[1]["val_loss"]) and math.isnan(back[0]["loss"])  # logged NaN is data, not an empty cell
+    run_dir.write_metrics(back)  # what a resumed run writes back: the same bytes
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1:] == ["4,nan,0.333333,3e-05,,,",
+                                                                       "8,0.25,0.5,0,nan,0.125,1"]
 
 
 # --- The lock. ---
@@ -125,7 +203,7 @@ def test_another_process_holding_the_folder_is_named_and_refused(tmp_path):
            f"'{socket.gethostname()}', started 20" in message
     assert "(this process)" not in message and "choose another output directory" in message
     assert info.value.holder["pid"] == proc.pid and proc.returncode == 0
-    assert not (run_dir / run_lock.LOCK_FILE).exists()  # a normal end removes the file
+    assert not (run_dir / LOCK).exists()  # a normal end removes the file
     with hold(run_dir):  # free again
         pass
 
@@ -135,7 +213,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     with HeldElsewhere(run_dir) as proc:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    lock = run_dir / run_lock.LOCK_FILE
+    lock = run_dir / LOCK
     assert json.loads(lock.read_text())["pid"] == proc.pid  # the file stays; the OS dropped the lock
     with hold(run_dir) as path:
         assert json.loads(open(path).read())["pid"] == os.getpid()  # now naming this process
@@ -182,13 +260,13 @@ def test_a_lock_file_planted_as_a_link_is_refused_and_never_followed(tmp_path):
     run_dir.mkdir()
     secret = tmp_path / "secret.txt"
     secret.write_text("keep me")
-    os.symlink(secret, run_dir / run_lock.LOCK_FILE)
+    os.symlink(secret, run_dir / LOCK)
     with pytest.raises(ValueError, match=r"Cannot open the lock file .*run.lock \(a symbolic link: remove it\)"):
         with hold(run_dir):
             pass
     assert secret.read_text() == "keep me"  # the holder's details would have overwritten it
-    os.remove(run_dir / run_lock.LOCK_FILE)
-    os.symlink(run_dir / run_lock.LOCK_FILE, run_dir / run_lock.LOCK_FILE)  # a link to itself: a loop
+    os.remove(run_dir / LOCK)
+    os.symlink(run_dir / LOCK, run_dir / LOCK)  # a link to itself: a loop
     with pytest.raises(ValueError, match="a symbolic link: remove it"):
         with hold(run_dir):
             pass
@@ -198,7 +276,7 @@ def test_a_lock_file_planted_as_a_link_is_refused_and_never_followed(tmp_path):
 def test_a_lock_file_that_is_not_a_regular_file_is_refused(tmp_path, kind):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    lock = run_dir / run_lock.LOCK_FILE
+    lock = run_dir / LOCK
     lock.mkdir() if kind == "folder" else os.mkfifo(lock)
     with pytest.raises(ValueError, match=r"lock file .*run.lock"):
         with hold(run_dir):
@@ -208,13 +286,13 @@ def test_a_lock_file_that_is_not_a_regular_file_is_refused(tmp_path, kind):
 def test_garbage_in_a_stale_lock_file_is_replaced_and_a_silent_holder_still_refuses(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / run_lock.LOCK_FILE).write_bytes(b"\x00garbage" * 1000)  # left by anything
+    (run_dir / LOCK).write_bytes(b"\x00garbage" * 1000)  # left by anything
     with hold(run_dir) as path:
         assert json.loads(open(path).read())["pid"] == os.getpid()
     # A holder that has not yet written its details (or wrote garbage) is still a holder.
     script = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); os.write(fd, b'[1]'); "
               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir / run_lock.LOCK_FILE)], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir / LOCK)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -230,7 +308,7 @@ def test_a_lock_file_replaced_between_open_and_lock_is_retried(tmp_path, monkeyp
     # unlinked file, which must not count: it opens the path again.
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    lock = run_dir / run_lock.LOCK_FILE
+    lock = run_dir / LOCK
     real_lock, calls = run_lock._lock, []
 
     def lock_after_replacement(fd, folder):
