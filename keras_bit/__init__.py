@@ -50,6 +50,8 @@ _EXPORTS = {
 _TENSORFLOW_EXPORTS = {
     "finetune": "keras_bit.train.finetune",
     "FinetuneResult": "keras_bit.train.finetune",
+    "FinetuneConfig": "keras_bit.train.config",
+    "RunMismatchError": "keras_bit.train.resume",
     "MultiWorkerStrategy": "keras_bit.train.distribute",
     "tpu_strategy": "keras_bit.train.distribute",
     "export_model": "keras_bit.export",
@@ -59,7 +61,7 @@ _TENSORFLOW_EXPORTS = {
 }
 # Modules reachable as attributes (`keras_bit.hyperrule.BiTSchedule`).
 _MODULES = {
-    "data": "keras_bit.train.data",
+    "data": "keras_bit.train.sources",
     "hyperrule": "keras_bit.train.hyperrule",
     "pipeline": "keras_bit.train.pipeline",
     "presets": "keras_bit.presets",  # callable: keras_bit.presets() lists every published checkpoint
@@ -101,6 +103,6 @@ _keras_backend = _import_keras().backend.backend()
 importlib.import_module("keras_bit.layers")
 
 if _keras_backend == "tensorflow":
-    __all__ = sorted([*_EXPORTS, *_TENSORFLOW_EXPORTS, *_MODULES])
+    __all__ = sorted([*_EXPORTS, *_TENSORFLOW_EXPORTS, *_MODULES])  # noqa: PLE0605 (a list: sorted's)
 else:
-    __all__ = sorted([*_EXPORTS, *(m for m in _MODULES if m not in _TENSORFLOW_MODULES)])
+    __all__ = sorted([*_EXPORTS, *(m for m in _MODULES if m not in _TENSORFLOW_MODULES)])  # noqa: PLE0605

@@ -22,7 +22,7 @@ import numpy as np
 
 from keras_bit import presets
 from keras_bit.backend import BackendError
-from keras_bit.train import hyperrule
+from keras_bit.train.config import cli_positive_int as _positive_int, cli_weights as _weights_arg
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -45,28 +45,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(value):
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _trainable_arg(value):
-    return int(value) if value.isdigit() else value
-
-
-def _weights_arg(value):
-    return None if value.lower() == "none" else value
-
-
-def _resolution_arg(value):
-    parts = [int(v) for v in value.split(",")]
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError("expected CROP or RESIZE,CROP")
-    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def generated_image(size=224, seed=0):
@@ -142,8 +120,8 @@ def build_parser():
     p.add_argument("--model", default="BiT-S-R50x1", choices=presets.MODEL_NAMES, metavar="MODEL",
                    help="a BiT model name")
     p.add_argument("--weights", default="default", type=_weights_arg,
-                   help='"default" (the family checkpoint; random if it cannot be fetched), "none", a name, an hf:// handle '
-                        "or a path")
+                   help='"default" (the family checkpoint; random if it cannot be fetched), "none", a name, '
+                        "an hf:// handle or a path")
     p.add_argument("--top", type=_positive_int, default=5, help="how many classes to show")
     p.add_argument("--size", type=_positive_int, default=None, help="image size (default: the model's)")
 
@@ -153,47 +131,14 @@ def build_parser():
 
 
 def _add_finetune_parser(sub):
+    from keras_bit.train import config
+
     p = sub.add_parser("finetune", help="fine-tune with BiT-HyperRule (model.fit on tf.data under tf.distribute)")
     p.add_argument("--model", default="BiT-M-R50x1", choices=presets.MODEL_NAMES, metavar="MODEL",
                    help=f"one of {', '.join(presets.MODEL_NAMES)}")
     p.add_argument("--data", default="sklearn:digits",
                    help='tfds name, image folder, or "sklearn:digits" (bundled with scikit-learn, offline)')
-    p.add_argument("--weights", default=None, type=_weights_arg,
-                   help='checkpoint to start from ("imagenet21k", "imagenet", an hf://<owner>/<repo> handle, a path) '
-                        "(default: none, random init)")
-    p.add_argument("--batch-size", type=_positive_int, default=hyperrule.BASE_BATCH_SIZE,
-                   help="global batch; may exceed the training set (it repeats, as in BiT's few-shot runs)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="total steps (default: BiT-HyperRule's)")
-    p.add_argument("--resolution", type=_resolution_arg, default=None, help='CROP or RESIZE,CROP (default: HyperRule)')
-    p.add_argument("--output-dir", default="bit_finetune", help="created if missing; its parent must exist")
-    p.add_argument("--examples-per-class", type=_positive_int, default=None,
-                   help="few-shot: K examples of each class")
-    p.add_argument("--examples-per-class-seed", type=int, default=None, help="seed of the few-shot draw (default: --seed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, MixUp and initialisation")
-    p.add_argument("--base-lr", type=float, default=None,
-                   help=f"learning rate at batch 512, scaled linearly (default: {hyperrule.BASE_LR} with --weights, "
-                        f"{hyperrule.SCRATCH_BASE_LR} from random init)")
-    p.add_argument("--mixup", type=float, default=None, help="MixUp alpha (default: HyperRule)")
-    p.add_argument("--trainable", type=_trainable_arg, default="all",
-                   help='"all", "head" (linear probe) or a block 1-4 (the root and blocks below it stay frozen)')
-    p.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default: only at the end)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps between backups (default: a tenth)")
-    p.add_argument("--split", default="train", help="tfds training split")
-    p.add_argument("--eval-split", default=None, help='tfds evaluation split (default: "test", else "validation")')
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share when there is no eval split")
-    p.add_argument("--data-dir", default=None, help="tfds data_dir")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out undecodable images (listed in skipped_images.txt) instead of stopping")
-    p.add_argument("--max-pixels", type=_positive_int, default=None,
-                   help="largest image of an image folder, height x width; larger ones are refused (or skipped "
-                        "with --skip-bad-images) (default: 40000000)")
-    p.add_argument("--mixed-precision", default=None, choices=("float32", "mixed_float16", "mixed_bfloat16"),
-                   help="Keras dtype policy (default: float32)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step (gradient accumulation)")
-    p.add_argument("--xla", action="store_true", help="compile the training step with XLA")
-    p.add_argument("--nondeterministic", action="store_true",
-                   help="allow nondeterministic TensorFlow ops (default: bit-identical reruns)")
-    p.add_argument("--export-dir", default=None, help="also export a serving SavedModel under this folder")
+    config.add_arguments(p)  # every setting of keras_bit.train.config.FinetuneConfig
     p.add_argument("--tpu", default=None,
                    help='train on a Cloud TPU (TPUStrategy): "local" on a TPU VM, else its name or grpc:// address')
     p.add_argument("--quiet", action="store_true", help="print only the result and warnings")
@@ -259,24 +204,16 @@ def _add_other_parsers(sub):
 
 
 def _finetune(args):
+    from keras_bit.train import config
     from keras_bit.train.distribute import tpu_strategy
     from keras_bit.train.finetune import finetune
+    from keras_bit.train.run_dir import RunDir
 
     strategy = tpu_strategy(args.tpu) if args.tpu else None
-    result = finetune(
-        args.model, args.data, weights=args.weights, batch_size=args.batch_size, steps=args.steps,
-        resolution=args.resolution, output_dir=args.output_dir, examples_per_class=args.examples_per_class,
-        examples_per_class_seed=args.examples_per_class_seed, seed=args.seed, base_lr=args.base_lr,
-        mixup=args.mixup, split=args.split, eval_split=args.eval_split, eval_fraction=args.eval_fraction,
-        data_dir=args.data_dir, skip_bad_images=args.skip_bad_images, max_pixels=args.max_pixels,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum, jit_compile=args.xla, deterministic=not args.nondeterministic,
-        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, trainable=args.trainable,
-        export_dir=args.export_dir, strategy=strategy, verbose=0 if args.quiet else 1,
-    )
+    result = finetune(args.model, args.data, config.from_cli(args), strategy=strategy, verbose=0 if args.quiet else 1)
     if args.quiet:
         print(f"eval top-1 accuracy: {result.eval_accuracy:.4f}")
-    print(f"model: {os.path.join(result.output_dir, 'model.keras')}")
+    print(f"model: {RunDir(result.output_dir).model_keras}")
     if result.summary_path:
         print(f"summary: {result.summary_path}")
     if result.export_path:
@@ -291,7 +228,9 @@ def _report(args):
 
 def _export(args):
     from keras_bit.export import DEFAULT_EXPORT_DIR, DEFAULT_MAX_PIXELS, EXTENSIONS, export_model, export_saved_model
-    from keras_bit.export.serving import check_plain_name, input_size, read_labels
+    from keras_bit.export.artifact import check_plain_name
+    from keras_bit.export.labels import read_labels
+    from keras_bit.export.serving import input_size
     from keras_bit.predict import load_model
 
     _check_export_flags(args)
@@ -344,9 +283,10 @@ def _check_export_flags(args):
 
 def _representative_images(args, size, max_pixels):
     """uint8 images from --representative-data resized to `size` (unreadable files named, then skipped)."""
-    import tensorflow as tf
-
+    from keras_bit.backend import tensorflow
     from keras_bit.predict import decode_file, expand_paths
+
+    tf = tensorflow("--representative-data")
 
     if not os.path.isdir(args.representative_data):
         raise ValueError(f"--representative-data must be a folder of images. Received: {args.representative_data}")
@@ -432,7 +372,7 @@ def main(argv=None):
             result = _COMMANDS[args.command](args)
             status = result if type(result) is int else 0  # `predict` returns 1 when a file failed; `demo`, a dict
     except (ValueError, OSError, BackendError) as e:
-        from keras_bit.train.plan import RunMismatchError
+        from keras_bit.train.resume import RunMismatchError
 
         message = e.describe(flags=True) if isinstance(e, RunMismatchError) else str(e)
         print(f"keras-bit {args.command}: error: {message}", file=sys.stderr)

@@ -12,7 +12,7 @@ Cases tested elsewhere, by the module that owns them:
 - `keras-bit predict` / `export` (bad files among good ones, folders, missing models): test_predict.py;
 - fine-tuning (missing output-dir parent, resuming with other settings, one run per output_dir, the export
   written once, NumPy integers): test_train_finetune.py; the run folder's lock, temporary names and run.json:
-  test_train_run_record.py; images over max_pixels, FIFOs, NaN pixels, outputs inside the data:
+  test_train_run_dir.py; images over max_pixels, FIFOs, NaN pixels, outputs inside the data:
   test_train_data.py. Here: the same through the installed `keras-bit finetune`, one line and exit status 2.
 """
 

@@ -53,7 +53,7 @@ def test_finetune_command_rejects_bad_resolution(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["finetune", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
     (["finetune", "--checkpoint-every", "-3"], "argument --checkpoint-every: must be a positive integer, got -3"),
-    (["finetune", "--steps", "x"], "argument --steps: invalid _positive_int value: 'x'"),
+    (["finetune", "--steps", "x"], "argument --steps: must be a positive integer, got x"),
     (["finetune", "--model", "BiT-Q"], "argument --model: invalid choice: 'BiT-Q'"),
     (["finetune", "--mixup", "-1", "--steps", "5"], "`mixup` (MixUp alpha) must be a finite number >= 0"),
     (["finetune", "--trainable", "7", "--steps", "5"], "`trainable` must be \"all\""),

@@ -16,7 +16,7 @@ import pytest
 
 import keras_bit
 from helpers import TINY_BUILDER, Crash, HeldElsewhere, learnable, run_finetune
-from keras_bit.train import plan
+from keras_bit.train.resume import RunMismatchError
 
 
 def _metrics(path):
@@ -125,7 +125,7 @@ def test_resume_refuses_any_changed_setting(tmp_path, change, message):
     with pytest.raises(KeyboardInterrupt):
         run_finetune(tmp_path, "r", steps=10, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
     before = sorted(os.listdir(tmp_path / "r" / "backup"))
-    with pytest.raises(plan.RunMismatchError, match=message):
+    with pytest.raises(RunMismatchError, match=message):
         run_finetune(tmp_path, "r", **{**dict(steps=10, checkpoint_every=2), **change})
     assert sorted(os.listdir(tmp_path / "r" / "backup")) == before  # nothing touched
     assert run_finetune(tmp_path, "r", steps=10, checkpoint_every=2).steps == 10  # the original still resumes
