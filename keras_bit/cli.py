@@ -22,7 +22,8 @@ import numpy as np
 
 from keras_bit import presets
 from keras_bit.backend import BackendError
-from keras_bit.train.config import cli_positive_int as _positive_int, cli_weights as _weights_arg
+from keras_bit.io import DEFAULT_MAX_PIXELS
+from keras_bit.validation import positive_int_arg as _positive_int, weights_arg as _weights_arg
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -176,7 +177,7 @@ def _add_other_parsers(sub):
                    help="int8: a folder of typical images to calibrate on (a few hundred)")
     p.add_argument("--max-pixels", type=_positive_int, default=None,
                    help="tf_saved_model: largest image the bytes signature decodes, height x width "
-                        "(default: 40000000)")
+                        f"(default: {DEFAULT_MAX_PIXELS})")
     p.add_argument("--jpeg-dct-scaling", action="store_true",
                    help="tf_saved_model: decode large JPEGs at 1/2-1/8 scale (faster; not the same pixels)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -191,7 +192,7 @@ def _add_other_parsers(sub):
                    help="a .keras model or BiT name: " + _ACTIVATION_HELP)
     p.add_argument("--max-pixels", type=_positive_int, default=None,
                    help="largest image decoded, height x width; larger files are reported, not decoded "
-                        "(default: 40000000)")
+                        f"(default: {DEFAULT_MAX_PIXELS})")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("convert", help="convert any BiT weights (bucket name, hf:// handle, .npz, .safetensors) "

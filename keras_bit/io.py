@@ -96,15 +96,24 @@ def temp_paths_of(path):
 
 
 def fsync_path(path):
-    """Flushes a file or folder (a folder: the names in it) to disk; file systems that cannot are ignored."""
+    """Flushes a file, or a folder's names, to disk. A file's failure (EIO) raises; a folder's is ignored.
+
+    Some file systems refuse fsync on folders (EINVAL), and a folder cannot be
+    opened for reading everywhere; the file's own data is what must not be lost
+    silently.
+    """
+    folder = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        if folder:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders
-        pass
+    except OSError:
+        if not folder:
+            raise
     finally:
         os.close(fd)
 

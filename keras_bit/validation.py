@@ -17,6 +17,24 @@ def is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def positive_int_arg(value):
+    """argparse `type` of a positive integer option (`--top 5`): one clear message for anything else."""
+    import argparse
+
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def weights_arg(value):
+    """argparse `type` of a `--weights` option: "none" (any case) is None, anything else the name or path."""
+    return None if value.lower() == "none" else value
+
+
 def check_positive_int(value, name, maximum=None):
     """Returns `value` as an `int`; `ValueError` naming `name` unless it is an integer in 1..`maximum`.
 

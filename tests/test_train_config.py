@@ -139,7 +139,7 @@ def test_overrides_and_unknown_settings():
     base = FinetuneConfig(batch_size=8, steps=10)
     changed = base.replace(steps=20)
     assert (changed.batch_size, changed.steps, base.steps) == (8, 20, 10)
-    with pytest.raises(TypeError, match="unexpected keyword argument.*batch_sise"):
+    with pytest.raises(TypeError, match="Unknown fine-tuning setting.*batch_sise"):
         base.replace(batch_sise=8)
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer"):
         base.replace(batch_size=0)
@@ -156,3 +156,36 @@ def test_refusals_name_settings_by_their_flags():
         flag = config.name_of(key, flags=True)
         assert flag in [f.metadata["flag"] for f in config.FIELDS.values()] + ["--model", "--data",
                                                                                  "TF_CONFIG workers"], key
+
+
+def test_refusals_name_changes_in_the_order_of_the_settings():
+    assert config.COMPARED == (
+        "model", "weights", "data", "split", "eval_split", "eval_fraction", "data_dir", "skip_bad_images",
+        "max_pixels", "train_fingerprint", "eval_fingerprint", "class_names", "examples_per_class",
+        "examples_per_class_seed", "batch_size", "steps", "schedule", "resolution", "base_lr", "mixup", "seed",
+        "mixed_precision", "jit_compile", "deterministic", "gradient_accumulation_steps", "trainable",
+        "checkpoint_every", "mixup_workers")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weights=123), r"`weights` must be None, a name or a path \(str or os.PathLike\). Received: weights=123"),
+    (dict(data_dir=["a"]), "`data_dir` must be None, a name or a path"),
+])
+def test_paths_of_the_wrong_type_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig(**kwargs)
+
+
+def test_cli_values_that_are_not_numbers_get_one_clear_line():
+    parser = _parser()
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+    for argv, match in ((["--resolution", "abc"], "expected CROP or RESIZE,CROP \\(integers\\), got abc"),
+                        (["--resolution", "1,2,3"], "expected CROP or RESIZE,CROP"),
+                        (["--steps", "x"], "must be a positive integer, got x")):
+        with pytest.raises(ValueError, match=match):
+            parser.parse_args(argv)
+
+
+def test_few_shot_seed_defaults_to_the_seed():
+    assert FinetuneConfig(examples_per_class=2, seed=7).few_shot_seed == 7
+    assert FinetuneConfig(examples_per_class=2, seed=7, examples_per_class_seed=3).few_shot_seed == 3

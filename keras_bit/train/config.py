@@ -25,7 +25,7 @@ import numpy as np
 
 from keras_bit.io import DEFAULT_MAX_PIXELS
 from keras_bit.train import hyperrule
-from keras_bit.validation import check_positive_int, is_int
+from keras_bit.validation import check_positive_int, is_int, positive_int_arg, weights_arg
 
 POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16")
 NUM_BLOCKS = 4
@@ -117,6 +117,8 @@ def _max_pixels(value, name):
 
 
 def _optional_path(value, name):
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"`{name}` must be None, a name or a path (str or os.PathLike). Received: {name}={value!r}")
     return None if value is None else os.fspath(value)
 
 
@@ -160,34 +162,21 @@ def _resolution(value, name):
 
 # --- CLI value types (argparse). ---
 
-def cli_weights(value):
-    """`--weights` values: "none" is None."""
-    return None if value.lower() == "none" else value
-
-
 def _cli_resolution(value):
-    parts = [int(v) for v in value.split(",")]
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError("expected CROP or RESIZE,CROP")
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
-def cli_positive_int(value):
-    """argparse type of a positive integer option."""
     try:
-        number = int(value)
+        parts = [int(v) for v in value.split(",")]
     except ValueError:
-        number = 0
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
+        parts = ()
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected CROP or RESIZE,CROP (integers), got {value}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _cli_trainable(value):
     return int(value) if value.isdigit() else value
 
 
-_POSITIVE = dict(type=cli_positive_int)
+_POSITIVE = dict(type=positive_int_arg)
 
 
 @dataclasses.dataclass
@@ -196,10 +185,10 @@ class FinetuneConfig:
 
     weights: object = setting(
         None, 'checkpoint to start from ("imagenet21k", "imagenet", an hf://<owner>/<repo> handle, a path); '
-        "none: random initialisation", "--weights", check=_optional_path, cli=dict(type=cli_weights),
+        "none: random initialisation", "--weights", check=_optional_path, cli=dict(type=weights_arg),
         doc="The head is always new and zero.")
     split: str = setting("train", "tfds training split", "--split")
-    eval_split: str = setting(None, 'tfds evaluation split (none: "test", else "validation")', "--eval-split")
+    eval_split: str = setting(None, 'tfds evaluation split (default: "test", else "validation")', "--eval-split")
     eval_fraction: float = setting(0.2, "held-out share of the training examples when there is no eval split",
                                    "--eval-fraction", check=_fraction, cli=dict(type=float))
     data_dir: str = setting(None, "tfds data_dir", "--data-dir", check=_optional_path)
@@ -216,23 +205,24 @@ class FinetuneConfig:
                                       "--examples-per-class", check=_optional_positive, cli=_POSITIVE,
                                       doc="The authors' `--examples_per_class`; repeated through the stream at any "
                                           "batch size.")
-    examples_per_class_seed: int = setting(None, "seed of the few-shot draw (none: --seed)",
+    examples_per_class_seed: int = setting(None, "seed of the few-shot draw (default: --seed)",
                                            "--examples-per-class-seed", check=_optional_seed, cli=dict(type=int))
     batch_size: int = setting(
         hyperrule.BASE_BATCH_SIZE, "global batch; may exceed the training set (it repeats, as in BiT's few-shot "
         "runs)", "--batch-size", check=_positive, cli=_POSITIVE,
         doc="Split over replicas and, with `gradient_accumulation_steps`, over micro-batches.")
-    steps: int = setting(None, "total optimizer steps (none: BiT-HyperRule's 500 / 10k / 20k, else its schedule "
-                               "scaled to end there)", "--steps", check=_optional_positive, cli=_POSITIVE)
+    steps: int = setting(None, "total optimizer steps: BiT-HyperRule's schedule scaled to end there (default: its own "
+                               "500 / 10k / 20k by training-set size)", "--steps", check=_optional_positive,
+                         cli=_POSITIVE)
     resolution: object = setting(
-        None, "CROP, or RESIZE,CROP (none: BiT-HyperRule's 160/128 below 96x96 px, else 512/480)",
+        None, "CROP, or RESIZE,CROP (default: BiT-HyperRule's 160/128 below 96x96 px, else 512/480)",
         "--resolution", check=_resolution, cli=dict(type=_cli_resolution),
         doc="In Python an int (train and eval size, no random crop) or a `(resize, crop)` pair.")
     base_lr: float = setting(
-        None, f"learning rate at batch 512, scaled linearly (none: {hyperrule.BASE_LR} with --weights, "
-        f"{hyperrule.SCRATCH_BASE_LR} from random initialisation)", "--base-lr", check=_base_lr,
+        None, f"learning rate at batch 512, scaled linearly (default: {hyperrule.BASE_LR} with --weights, "
+        f"{hyperrule.SCRATCH_BASE_LR} from random init)", "--base-lr", check=_base_lr,
         cli=dict(type=float))
-    mixup: float = setting(None, "MixUp alpha (none: BiT-HyperRule's, 0.1 from 20k training examples, else off)",
+    mixup: float = setting(None, "MixUp alpha (default: BiT-HyperRule's, 0.1 from 20k training examples, else off)",
                            "--mixup", check=_mixup, cli=dict(type=float))
     seed: int = setting(0, "seed of shuffling, augmentation, MixUp and random initialisation (0 to 2**32 - 1)",
                         "--seed", check=_seed, cli=dict(type=int),
@@ -253,9 +243,9 @@ class FinetuneConfig:
     trainable: object = setting(
         "all", '"all", "head" (linear probe) or a block 1-4 (the root and the blocks below it stay frozen)',
         "--trainable", check=_trainable, cli=dict(type=_cli_trainable))
-    checkpoint_every: int = setting(None, "steps between backups (none: a tenth of the run)", "--checkpoint-every",
+    checkpoint_every: int = setting(None, "steps between backups (default: a tenth of the run)", "--checkpoint-every",
                                     check=_optional_positive, cli=_POSITIVE)
-    eval_every: int = setting(None, "steps between evaluations (none: only at the end; the authors' --eval_every)",
+    eval_every: int = setting(None, "steps between evaluations (default: only at the end; the authors' --eval_every)",
                               "--eval-every", compared=False, check=_optional_positive, cli=_POSITIVE)
     output_dir: str = setting(
         "bit_finetune", "the run folder (created; its parent must exist): backups, logs, metrics.csv, "
@@ -286,11 +276,16 @@ class FinetuneConfig:
             raise ValueError("`examples_per_class_seed` seeds the few-shot draw: it needs `examples_per_class`.")
         return self
 
+    @property
+    def few_shot_seed(self):
+        """The seed of the few-shot draw: `examples_per_class_seed`, else `seed`."""
+        return self.seed if self.examples_per_class_seed is None else self.examples_per_class_seed
+
     def replace(self, **overrides):
         """A checked copy with `overrides`; `TypeError` naming an unknown setting (as Python does for keywords)."""
         unknown = sorted(set(overrides) - set(FIELDS))
         if unknown:
-            raise TypeError(f"finetune() got unexpected keyword argument(s) {', '.join(unknown)}; the settings are "
+            raise TypeError(f"Unknown fine-tuning setting(s) {', '.join(unknown)}; the settings are "
                             f"{', '.join(FIELDS)}")
         return dataclasses.replace(self, **overrides)
 
@@ -308,9 +303,12 @@ DERIVED = {
     "schedule": ("steps", "--steps"),
     "mixup_workers": ("strategy", "TF_CONFIG workers"),
 }
-# Every run.json key a resume must find unchanged, in the order a refusal names them.
-COMPARED = ("model", "data", "train_fingerprint", "eval_fingerprint", "class_names") + tuple(
-    name for name, f in FIELDS.items() if f.metadata["compared"]) + ("schedule", "mixup_workers")
+# Every run.json key a resume must find unchanged, in the order a refusal names them: each derived key right
+# after the setting it follows.
+_FOLLOWING = {"weights": ("data",), "max_pixels": ("train_fingerprint", "eval_fingerprint", "class_names"),
+              "steps": ("schedule",)}
+COMPARED = ("model",) + tuple(key for name, f in FIELDS.items() if f.metadata["compared"]
+                              for key in (name,) + _FOLLOWING.get(name, ())) + ("mixup_workers",)
 # Settings that select other examples: when one changed, the digests that then differ are not named too.
 SELECTING = frozenset({"data", "split", "eval_split", "eval_fraction", "data_dir", "skip_bad_images",
                        "max_pixels", "seed", "examples_per_class", "examples_per_class_seed"})
@@ -333,7 +331,7 @@ def add_arguments(parser):
         kwargs = dict(meta["cli"])
         if "action" not in kwargs and "choices" not in kwargs:
             kwargs.setdefault("metavar", meta["flag"].lstrip("-").upper().replace("-", "_"))
-        if field.default is None and "(none:" not in meta["help"]:
+        if field.default is None and "(default:" not in meta["help"]:
             kwargs.setdefault("help", f"{meta['help']} (default: none)")
         kwargs.setdefault("help", meta["help"])  # the parser's formatter appends other defaults
         parser.add_argument(meta["flag"], dest=name, default=field.default, **kwargs)
@@ -364,5 +362,6 @@ def docstring():
     for name, field in FIELDS.items():
         meta = field.metadata
         text = meta["help"] + (f". {meta['doc']}" if meta["doc"] else "")
-        lines.append(f"        {name}: {text} Default: {field.default!r}.")
+        default = "" if "(default:" in meta["help"] else f" Default: {field.default!r}."
+        lines.append(f"        {name}: {text}{default}")
     return "\n".join(lines)

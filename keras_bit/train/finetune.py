@@ -188,8 +188,7 @@ def _load_data(data, args, eval_data):
                             skip_bad_images=args.skip_bad_images, max_pixels=args.max_pixels)
     train = dataset.train
     if args.examples_per_class is not None:
-        draw_seed = args.seed if args.examples_per_class_seed is None else args.examples_per_class_seed
-        train = data_lib.few_shot(train, args.examples_per_class, dataset.num_classes, draw_seed)
+        train = data_lib.few_shot(train, args.examples_per_class, dataset.num_classes, args.few_shot_seed)
     return dataset, train
 
 
@@ -313,7 +312,8 @@ def _fit(net, run, train, dataset, strategy, start, chief, run_dir, callbacks, s
     return log
 
 
-finetune.__doc__ = finetune.__doc__.replace("{settings}", _settings_doc())
+if finetune.__doc__:  # None under python -OO
+    finetune.__doc__ = finetune.__doc__.replace("{settings}", _settings_doc())
 
 
 class _StopAfter(keras.callbacks.Callback):

@@ -147,7 +147,6 @@ def make_plan(model, args, dataset, train, replicas, fingerprints, environment=N
 
 def _record(model, args, dataset, train, run, fingerprints, context, folder):
     """run.json: every setting as resolved, the examples' digests, and what the floats depend on."""
-    few_shot_seed = args.seed if args.examples_per_class_seed is None else args.examples_per_class_seed
     return {
         "model": describe_model(model),
         "weights": args.weights,
@@ -164,7 +163,7 @@ def _record(model, args, dataset, train, run, fingerprints, context, folder):
         "eval_fingerprint": fingerprints[1],
         "class_names": list(dataset.class_names),
         "examples_per_class": args.examples_per_class,
-        "examples_per_class_seed": None if args.examples_per_class is None else few_shot_seed,
+        "examples_per_class_seed": None if args.examples_per_class is None else args.few_shot_seed,
         "batch_size": args.batch_size,
         "steps": run.total,
         "schedule": list(run.supports),

@@ -26,12 +26,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
 
-from keras_bit.io import atomic_path, read_json_object, write_json, write_text
+from keras_bit.io import atomic_path, read_json_object, temp_path, write_json, write_text
 
 logger = logging.getLogger("keras_bit")
 
@@ -156,8 +155,13 @@ class RunDir:
         try:
             os.makedirs(path, exist_ok=True)
             # A real write, not os.access: root passes access checks on read-only file systems.
-            with tempfile.NamedTemporaryFile(dir=path):
-                pass
+            probe = temp_path(os.path.join(path, "probe"))  # a name backup clean-up recognises
+            try:
+                with open(probe, "x"):
+                    pass
+            finally:
+                if os.path.lexists(probe):
+                    os.remove(probe)
             if created:
                 os.rmdir(path)
         except OSError as e:
