@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from keras_bit.train import config, resume
+from keras_bit.train import config
 from keras_bit.train.config import FinetuneConfig
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")

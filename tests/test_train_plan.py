@@ -2,7 +2,6 @@
 
 import types
 
-import numpy as np
 import pytest
 
 from keras_bit.train import hyperrule, plan
@@ -23,7 +22,8 @@ def test_chunks_end_on_every_backup_and_evaluation(total, every, evaluate, expec
 
 
 def test_check_model_refuses_a_non_callable_even_with_a_weights_file():
-    with pytest.raises(ValueError, match=r"`model` must be a BiT model name .* or a builder callable. Received: model=123"):
+    with pytest.raises(ValueError,
+                       match=r"`model` must be a BiT model name .* or a builder callable. Received: model=123"):
         plan.check_model(123, "x.npz")
 
 

@@ -6,11 +6,11 @@
 backup made with other settings (`keras_bit.train.plan`, `keras_bit.train.resume`),
 build the model (frozen stages, compile, restore the newest backup), fit, and
 write the outputs into the run folder (`keras_bit.train.run_dir`). The run
-is split into chunks of steps (Keras epochs); every `checkpoint_every` steps `keras_bit.train.backup` writes the model and
-optimizer state, so running the same command again after a crash resumes at
-the last backup and ends with the weights of an uninterrupted run (the data
-stream is a function of the step, see `keras_bit.train.pipeline`). A different
-command is refused, never mixed.
+is split into chunks of steps (Keras epochs); every `checkpoint_every` steps
+`keras_bit.train.backup` writes the model and optimizer state, so running the
+same command again after a crash resumes at the last backup and ends with the
+weights of an uninterrupted run (the data stream is a function of the step, see
+`keras_bit.train.pipeline`). A different command is refused, never mixed.
 
 Reference:
     Kolesnikov et al., "Big Transfer (BiT)", https://arxiv.org/abs/1912.11370, section 3.3.
