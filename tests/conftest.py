@@ -34,3 +34,16 @@ def rng():
 @pytest.fixture
 def keras_home():
     return os.environ["KERAS_HOME"]
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(tmp_path_factory):
+    """A tiny fine-tune (10 steps, a backup every 2) killed after 3 batches, trained once per session: its folder
+    holds a backup but no model. Copy it (`copy_run`) before resuming or changing it."""
+    from helpers import Crash, run_finetune
+
+    root = tmp_path_factory.mktemp("interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(root, "r", steps=10, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
+    keras.backend.clear_session()
+    return root / "r"

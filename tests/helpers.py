@@ -1,6 +1,7 @@
 """Small builders shared by the test modules."""
 
 import functools
+import shutil
 
 import keras
 import numpy as np
@@ -50,6 +51,12 @@ def run_finetune(tmp_path, name="run", data=None, **kwargs):
     kwargs.setdefault("verbose", 0)
     return keras_bit.finetune(TINY_BUILDER, learnable() if data is None else data, output_dir=tmp_path / name,
                               **kwargs)
+
+
+def copy_run(run_dir, tmp_path, name="run"):
+    """A copy of a session-wide run folder (conftest's `interrupted_run`) in `tmp_path / name`, to resume or refuse."""
+    shutil.copytree(run_dir, tmp_path / name)
+    return tmp_path / name
 
 
 class Crash(keras.callbacks.Callback):

@@ -18,6 +18,8 @@ import pytest
 
 import keras_bit
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(keras_bit.__file__)))
 OTHER_BACKENDS = ["jax", "torch"]
 

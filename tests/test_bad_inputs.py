@@ -4,16 +4,16 @@ Cases tested elsewhere, by the module that owns them:
 - model building (unknown names, input < 32 px, 1 or 4 channels with pretrained
   weights, classes <= 0): test_models_bit.py (the ERRORS table) and test_models_resnet_v2.py;
 - checkpoints (truncated, corrupt, wrong architecture, wrong dtype, NaN, nothing
-  half-loaded): test_checkpoints.py;
+  half-loaded): test_weights_hostile.py, test_weights_npz.py;
 - data (empty folder, non-image files, a class below K examples, labels out of
-  range): test_data.py;
+  range): test_train_sources.py;
 - serving and deployment (corrupt bytes, decompression bombs, wrong dtype/rank, empty batch, bad names and
   versions, overwriting): test_export_saved_model.py, test_export_image_decode.py, test_export_formats.py;
 - `keras-bit predict` / `export` (bad files among good ones, folders, missing models): test_predict.py;
 - fine-tuning (missing output-dir parent, resuming with other settings, one run per output_dir, the export
   written once, NumPy integers): test_train_finetune.py; the run folder's lock, temporary names and run.json:
   test_train_run_dir.py; images over max_pixels, FIFOs, NaN pixels, outputs inside the data:
-  test_train_data.py. Here: the same through the installed `keras-bit finetune`, one line and exit status 2.
+  test_train_sources.py. Here: the same through the installed `keras-bit finetune`, one line and exit status 2.
 """
 
 import functools
@@ -27,7 +27,8 @@ import tensorflow as tf
 import keras_bit
 from helpers import TINY, images, tiny_checkpoint, tiny_model
 from keras_bit.layers import StandardizedConv2D
-from helpers import TINY_BUILDER, Crash, HeldElsewhere, assert_cli_error, installed_command, learnable, run_finetune
+from helpers import (TINY_BUILDER, HeldElsewhere, assert_cli_error, copy_run, installed_command, learnable,
+                     run_finetune)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs Linux /proc")
@@ -47,11 +48,11 @@ def test_unwritable_output_dir_without_root(tmp_path):
         keras_bit.finetune(TINY_BUILDER, learnable(), output_dir=locked, steps=5, batch_size=8)
 
 
-def test_resume_with_a_different_model_is_refused(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(tmp_path, "r", steps=10, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
+def test_resume_with_a_different_model_is_refused(tmp_path, interrupted_run):
+    copy_run(interrupted_run, tmp_path, "r")  # killed after 3 of 10 steps, a backup every 2
     wider = functools.partial(keras_bit.ResNetV2, **dict(TINY, width_factor=2))
-    with pytest.raises(ValueError, match=r"holds a backup of a run with other settings: model=.* -> .*ResNetV2\(.*width_factor=2"):
+    with pytest.raises(ValueError, match=r"holds a backup of a run with other settings: "
+                                         r"model=.* -> .*ResNetV2\(.*width_factor=2"):
         keras_bit.finetune(wider, learnable(), output_dir=tmp_path / "r", steps=10, checkpoint_every=2, batch_size=8,
                            resolution=(36, 32), base_lr=0.5, verbose=0)
     # The backup is untouched: the original run still resumes and completes.

@@ -9,6 +9,8 @@ import keras_bit
 from keras_bit import presets
 from keras_bit.imagenet import IMAGENET21K_FILES
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 
 def test_decode_1000_uses_keras_decoder(monkeypatch):
     index = {str(i): [f"n{i:08d}", f"class_{i}"] for i in range(1000)}

@@ -5,6 +5,8 @@ import pytest
 import reference
 from keras_bit.layers import GroupNormalization, StandardizedConv2D, standardize_kernel
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 
 def _conv(rng, filters=16, kernel_size=3, **kwargs):
     layer = StandardizedConv2D(filters, kernel_size, **kwargs)
@@ -96,7 +98,8 @@ def test_group_norm_activation_config_and_values(rng):
                                np.tanh(reference.group_norm(x, np.ones(8), np.zeros(8), groups=4)), atol=1e-5)
     seq = GroupNormalization(groups=4, activation="relu")(x[:, :, 0, :])
     assert float(keras.ops.min(seq)) == 0.0
-    with pytest.raises(ValueError, match=r"`activation` must be None or a Keras activation. Received: activation='nope'"):
+    message = r"`activation` must be None or a Keras activation. Received: activation='nope'"
+    with pytest.raises(ValueError, match=message):
         GroupNormalization(activation="nope")
 
 

@@ -9,6 +9,8 @@ import reference
 from helpers import TINY_SIZE, images, tiny_checkpoint, tiny_model
 from keras_bit import presets as configs
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 # (no head, 1000 classes, 21843 classes), from the authors' architecture (issue table).
 PARAMS = {
     "R50x1": (23_500_352, 25_549_352, 68_256_659),

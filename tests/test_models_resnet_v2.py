@@ -17,6 +17,8 @@ import reference
 from helpers import TINY, TINY_SIZE, images, tiny_checkpoint, tiny_model
 from keras_bit.models import resnet_v2
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 # Two units in blocks 3 and 4, so the later-unit dilations (2 and 4) are used too: in TINY, blocks 3 and 4
 # have a single unit, whose dilation is the first-unit rule (1 at output stride 16, 2 in block 4 at 8).
 DEEP = dict(block_units=(1, 1, 2, 2), base_width=32, groups=8)

@@ -48,6 +48,8 @@ def _expected(run_dir, images):
 
 
 def test_export_then_predict_with_every_model_kind(run_dir, photos, tmp_path, capsys):
+    for module in ("tf2onnx", "onnxruntime"):  # the ONNX writer and runtime: the `export` extra
+        pytest.importorskip(module, reason=f"{module} is not installed (pip install 'keras-bit[export]')")
     folder, images = photos
     expected = _expected(run_dir, images)
     keras_file, names = str(run_dir / "model.keras"), str(run_dir / "class_names.txt")

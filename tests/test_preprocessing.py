@@ -8,6 +8,8 @@ import pytest
 
 import keras_bit
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 
 def test_preprocess_numpy_uint8_and_float_without_mutation():
     pixels = np.array([[0, 51, 127, 255]], np.uint8)

@@ -8,6 +8,8 @@ import keras_bit
 from keras_bit import presets
 from keras_bit.models.bit import check_weights
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 ALL = list(presets.PRESETS.values())
 VTAB_TASKS = {
     "caltech101", "diabetic_retinopathy", "dtd", "oxford_flowers102", "oxford_iiit_pet", "resisc45", "sun397",

@@ -2,7 +2,11 @@
 
 import pathlib
 
+import pytest
+
 from keras_bit import presets
+
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
 
 
 def test_readme_presets_table_is_generated_from_the_registry():

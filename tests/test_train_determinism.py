@@ -13,6 +13,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two R50x1 fine-tunes in new processes
+
 RUN = """
 import hashlib, json, sys, keras_bit
 result = keras_bit.finetune("BiT-M-R50x1", "sklearn:digits", steps=8, batch_size=8, resolution=(36, 32),

@@ -89,6 +89,7 @@ def _backed_up_step(output_dir):
     return max(steps, default=0)
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_process(tmp_path):
     out = tmp_path / "cluster"
     reports = _finish(_start_cluster(out, SETTINGS, tmp_path), tmp_path)
@@ -113,6 +114,7 @@ def test_two_workers_match_one_process(tmp_path):
     assert all(abs(r["accuracy"] - single.eval_accuracy) <= 1 / 14 + 1e-6 for r in reports)
 
 
+@pytest.mark.slow
 def test_killed_worker_then_restarted_cluster_resumes_from_the_backup(tmp_path):
     out = tmp_path / "cluster"
     settings = dict(SETTINGS, checkpoint_every=1)  # 8 chunks of one step

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import keras_bit
-from helpers import TINY_BUILDER, Crash, HeldElsewhere, learnable, run_finetune
+from helpers import TINY_BUILDER, Crash, HeldElsewhere, copy_run, learnable, run_finetune
 from keras_bit.train.resume import RunMismatchError
 
 
@@ -85,6 +85,7 @@ def test_last_chunk_may_be_shorter(tmp_path):
                                                                      "step-000000010.weights.h5.sha256"]
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     settings = dict(steps=12, checkpoint_every=4, mixup=0.2)
     reference = run_finetune(tmp_path, "straight", **settings)
@@ -121,9 +122,8 @@ def test_rerunning_a_finished_run_trains_nothing_and_says_so(tmp_path, caplog):
     (dict(deterministic=False), "deterministic=True -> False"),
     (dict(data=learnable(n_per_class=23)), "data="),
 ])
-def test_resume_refuses_any_changed_setting(tmp_path, change, message):
-    with pytest.raises(KeyboardInterrupt):
-        run_finetune(tmp_path, "r", steps=10, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
+def test_resume_refuses_any_changed_setting(tmp_path, interrupted_run, change, message):
+    copy_run(interrupted_run, tmp_path, "r")  # killed after 3 of 10 steps, a backup every 2: trained once
     before = sorted(os.listdir(tmp_path / "r" / "backup"))
     with pytest.raises(RunMismatchError, match=message):
         run_finetune(tmp_path, "r", **{**dict(steps=10, checkpoint_every=2), **change})
@@ -237,6 +237,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_two_logical_cpus(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path / "m")], capture_output=True,
@@ -291,6 +292,7 @@ def test_a_second_run_is_refused_while_the_first_trains_before_any_data_is_read(
     assert not (tmp_path / "run" / "run.lock").exists()  # and released the folder
 
 
+@pytest.mark.slow
 def test_a_run_held_by_another_process_is_refused_and_a_killed_holder_blocks_nothing(tmp_path):
     with HeldElsewhere(tmp_path / "run") as holder:
         with pytest.raises(ValueError, match=rf"`output_dir` {tmp_path / 'run'} is in use by another fine-tuning run "
@@ -358,7 +360,7 @@ def test_numpy_integers_are_taken_as_python_ints(tmp_path):
 
 @pytest.mark.parametrize("seed", [2**32, 2**64 + 1, -1, np.int64(-2), 1.0, True])
 def test_a_seed_numpy_cannot_take_is_refused_up_front(tmp_path, seed):
-    with pytest.raises(ValueError, match=rf"`seed` must be a non-negative integer below 2\*\*32 \(NumPy's seed "
-                                         rf"range\)\. Received: seed="):
+    with pytest.raises(ValueError, match=r"`seed` must be a non-negative integer below 2\*\*32 \(NumPy's seed "
+                                         r"range\)\. Received: seed="):
         run_finetune(tmp_path, seed=seed)
     assert not (tmp_path / "run").exists()

@@ -21,6 +21,8 @@ from keras_bit import io
 from keras_bit.presets import Preset
 from keras_bit.weights import download
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 PAYLOAD = bytes(range(256)) * 40  # 10240 bytes
 
 

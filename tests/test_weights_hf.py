@@ -18,6 +18,8 @@ from helpers import (
 )
 from keras_bit.weights import sources
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 REPO = "someone/bit-tiny"
 
 

@@ -9,6 +9,8 @@ import keras_bit
 from helpers import TINY, assert_refused, images, randomize, tiny_model
 from keras_bit.weights import keras_h5
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 
 def _saved(tmp_path, name="saved.weights.h5", seed=0, **kwargs):
     """A tiny model with random weights everywhere (head included), saved; returns (model, path)."""

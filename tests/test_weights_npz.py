@@ -12,6 +12,8 @@ from keras_bit import presets
 from keras_bit.presets import Preset
 from keras_bit.weights.npz import checkpoint_scope
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 R50 = (3, 4, 6, 3)
 
 

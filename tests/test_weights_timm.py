@@ -17,6 +17,8 @@ from helpers import (
 )
 from keras_bit.weights import sources
 
+pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and PyTorch
+
 R50 = (3, 4, 6, 3)
 TIMM_R50X1_IN21K = "timm/resnetv2_50x1_bit.goog_in21k"
 
