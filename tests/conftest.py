@@ -24,6 +24,9 @@ def _fresh_keras_state():
     keras.config.set_dtype_policy("float32")
     keras.backend.clear_session()
     gc.collect()
+    # What survives a test (modules, TensorFlow's state, session fixtures) moves to the permanent generation, so
+    # the next test's collection walks only the objects created since: 0.2-0.4 s a test otherwise (~1000 tests).
+    gc.freeze()
 
 
 @pytest.fixture
