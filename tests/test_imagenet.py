@@ -48,7 +48,10 @@ def test_decode_21k_downloads_once_then_uses_cache(tmp_path, monkeypatch):
     preds = np.zeros((1, presets.IMAGENET21K_CLASSES), "float32")
     preds[0, 21842], preds[0, 5] = 0.7, 0.2
     decoded = keras_bit.decode_predictions(preds, top=2, cache_dir=tmp_path / "cache")
-    assert decoded == [[("n00021842", "lemma 21842, alias 21842", pytest.approx(0.7)), ("n00000005", "lemma 5, alias 5", pytest.approx(0.2))]]
+    assert decoded == [[
+        ("n00021842", "lemma 21842, alias 21842", pytest.approx(0.7)),
+        ("n00000005", "lemma 5, alias 5", pytest.approx(0.2)),
+    ]]
     assert (tmp_path / "cache" / "bit_models" / IMAGENET21K_FILES[1]).is_file()
     for f in IMAGENET21K_FILES:
         (mirror / f).unlink()  # the second call must not need the source

@@ -84,7 +84,7 @@ def test_named_constructor_builds_expected_architecture():
     assert model.get_layer("block2_unit01_a_conv").strides == (1, 1)
     assert model.get_layer("block2_unit01_a_proj_conv").strides == (2, 2)
     # No 'same' padding anywhere: explicit symmetric zero padding as in the authors' code.
-    windowed = [l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.MaxPooling2D))]
+    windowed = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.MaxPooling2D))]
     assert len(windowed) == 1 + 16 * 3 + 4 + 1 and all(layer.padding == "valid" for layer in windowed)
 
 
@@ -208,16 +208,38 @@ def test_classes_default_and_softmax():
 
 
 ERRORS = [
-    (dict(weights="imagenet22k"), r"Unknown `weights` name. Expected one of None, 'imagenet21k', 'imagenet'.*Received: weights='imagenet22k'"),
+    (
+        dict(weights="imagenet22k"),
+        r"Unknown `weights` name. Expected one of None, 'imagenet21k', 'imagenet'.*Received: weights='imagenet22k'",
+    ),
     (dict(weights=3), r"`weights` must be one of .*Received: weights=3"),
     (dict(weights="missing/file.npz"), r"`weights` file not found. Received: weights='missing/file.npz'"),
-    (dict(pooling="mean", include_top=False), r"`pooling` must be one of \(None, 'avg', 'max'\). Received: pooling='mean'"),
-    (dict(classifier_activation="nope", weights=None), r"`classifier_activation` must be None, a callable or the name of a Keras activation. Received: classifier_activation='nope'"),
-    (dict(classifier_activation="relu"), r"Only `None` and `softmax` activations are allowed .*Received: classifier_activation='relu'"),
-    (dict(input_shape=(224, 224, 1)), r"Pretrained BiT weights expect 3 input channels \(RGB\). Received: input_shape=\(224, 224, 1\)"),
+    (
+        dict(pooling="mean", include_top=False),
+        r"`pooling` must be one of \(None, 'avg', 'max'\). Received: pooling='mean'",
+    ),
+    (
+        dict(classifier_activation="nope", weights=None),
+        r"`classifier_activation` must be None, a callable or the name of a Keras activation. "
+        r"Received: classifier_activation='nope'",
+    ),
+    (
+        dict(classifier_activation="relu"),
+        r"Only `None` and `softmax` activations are allowed .*Received: classifier_activation='relu'",
+    ),
+    (
+        dict(input_shape=(224, 224, 1)),
+        r"Pretrained BiT weights expect 3 input channels \(RGB\). Received: input_shape=\(224, 224, 1\)",
+    ),
     (dict(input_shape=(224, 224, 4)), r"expect 3 input channels"),
-    (dict(input_shape=(31, 224, 3), weights=None), r"Input height and width must be None or integers >= 32. Received: input_shape=\(31, 224, 3\)"),
-    (dict(input_shape=(224, 224), weights=None), r"`input_shape` must be a tuple of 3 values .*Received: input_shape=\(224, 224\)"),
+    (
+        dict(input_shape=(31, 224, 3), weights=None),
+        r"Input height and width must be None or integers >= 32. Received: input_shape=\(31, 224, 3\)",
+    ),
+    (
+        dict(input_shape=(224, 224), weights=None),
+        r"`input_shape` must be a tuple of 3 values .*Received: input_shape=\(224, 224\)",
+    ),
     (dict(input_shape=(64, 64, 0), weights=None), r"channel count in `input_shape` must be a positive integer"),
     (dict(classes=0, weights=None), r"`classes` must be a positive integer. Received: classes=0"),
     (dict(classes=-3, weights=None), r"`classes` must be a positive integer. Received: classes=-3"),
@@ -259,7 +281,9 @@ def test_pooling_with_head_is_ignored_with_a_warning_as_keras_does():
 
 
 def test_unknown_model_and_architecture_errors():
-    with pytest.raises(ValueError, match=r"Unknown BiT model name. Expected one of BiT-S-R50x1, .*Received: model_name='BiT-L-R50x1'"):
+    with pytest.raises(
+        ValueError, match=r"Unknown BiT model name. Expected one of BiT-S-R50x1, .*Received: model_name='BiT-L-R50x1'"
+    ):
         keras_bit.BiT("BiT-L-R50x1")
     with pytest.raises(ValueError, match=r"`block_units` must be a sequence of 4 positive integers"):
         keras_bit.ResNetV2((3, 4, 6))

@@ -184,7 +184,8 @@ def test_every_backup_has_its_digest(tmp_path):
     weights = [n for n in files if n.endswith(".weights.h5")]
     assert files == sorted(weights + [n + ".sha256" for n in weights])  # pruned together
     for name in weights:
-        assert (tmp_path / f"{name}.sha256").read_text().strip() == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        digest = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        assert (tmp_path / f"{name}.sha256").read_text().strip() == digest
 
 
 def test_resuming_before_damaged_backups_replaces_them(tmp_path):

@@ -3,12 +3,26 @@ import numpy as np
 import pytest
 
 from keras_bit.train import hyperrule
-from keras_bit.train.hyperrule import BiTSchedule, get_lr, get_mixup, get_resolution, get_schedule, scale_schedule, scaled_lr
+from keras_bit.train.hyperrule import (
+    BiTSchedule,
+    get_lr,
+    get_mixup,
+    get_resolution,
+    get_schedule,
+    scale_schedule,
+    scaled_lr,
+)
 
 
 @pytest.mark.parametrize(
     "size,expected",
-    [((32, 32), (160, 128)), ((95, 96), (160, 128)), ((96, 96), (512, 480)), ((500, 375), (512, 480)), ((8, 8), (160, 128))],
+    [
+        ((32, 32), (160, 128)),
+        ((95, 96), (160, 128)),
+        ((96, 96), (512, 480)),
+        ((500, 375), (512, 480)),
+        ((8, 8), (160, 128)),
+    ],
 )
 def test_resolution_rule(size, expected):
     assert get_resolution(size) == expected
@@ -61,7 +75,8 @@ def test_get_lr_matches_the_authors_boundaries():
 def test_keras_schedule_equals_pure_function(n):
     supports = get_schedule(n)
     schedule = BiTSchedule(0.003, supports)
-    steps = sorted({0, 1, supports[-1] - 1, supports[-1], supports[-1] + 7} | {s + d for s in supports for d in (-1, 0, 1)})
+    edges = {0, 1, supports[-1] - 1, supports[-1], supports[-1] + 7}
+    steps = sorted(edges | {s + d for s in supports for d in (-1, 0, 1)})
     got = keras.ops.convert_to_numpy(schedule(np.array(steps)))
     expected = [get_lr(s, n) or 0.0 for s in steps]
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)

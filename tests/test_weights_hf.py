@@ -225,7 +225,9 @@ def test_cached_truncated_weights_say_which_blob_to_delete(hub):
 def test_headless_bitmodel_repo_head_size_comes_from_the_file(hub, rng):
     """transformers configs always carry labels; a BitModel file has no head, so there is none to load."""
     d = tiny_weights()
-    hub_repo(hub, REPO, {"config.json": bit_config(classes=2), "model.safetensors": reference.to_transformers(d, prefix="")})
+    hub_repo(
+        hub, REPO, {"config.json": bit_config(classes=2), "model.safetensors": reference.to_transformers(d, prefix="")}
+    )
     model = tiny_model(weights=f"hf://{REPO}", classes=10)
     assert not np.any(model.get_layer("head").kernel.numpy())  # a new zero head, not "the checkpoint has 2"
     x = images(rng)

@@ -533,7 +533,9 @@ def test_load_weights_from_the_hub_checks_the_configs_architecture(hub):
 def test_hub_config_larger_than_the_bound_is_refused(hub, monkeypatch):
     handle = _timm_repo(hub, _timm_tiny(padding="x" * 5000))
     monkeypatch.setattr(hub_config, "MAX_CONFIG_BYTES", 4096)
-    _refused_quickly(lambda: keras_bit.load_weights(tiny_model(classes=10), handle), r"bytes; at most 4096 are expected")
+    _refused_quickly(
+        lambda: keras_bit.load_weights(tiny_model(classes=10), handle), r"bytes; at most 4096 are expected"
+    )
 
 
 def test_hub_revisions_that_could_leave_the_cache_are_refused():

@@ -168,7 +168,8 @@ def test_misshaped_key(tmp_path):
     d["resnet/block2/unit01/b/standardized_conv2d/kernel"] = np.zeros((1, 1, 64, 64), "float32")
     _assert_load_error(
         tmp_path, d,
-        r"key 'resnet/block2/unit01/b/standardized_conv2d/kernel' has shape \(1, 1, 64, 64\), model .* expects \(3, 3, 64, 64\)",
+        r"key 'resnet/block2/unit01/b/standardized_conv2d/kernel' has shape \(1, 1, 64, 64\), "
+        r"model .* expects \(3, 3, 64, 64\)",
     )
 
 
@@ -191,7 +192,9 @@ def test_wrong_dtype_and_nan(tmp_path):
 def test_wrong_head_shape_when_loading_head(tmp_path):
     d = reference.random_checkpoint(TINY["block_units"], base=32, classes=10)
     d["resnet/head/conv2d/kernel"] = d["resnet/head/conv2d/kernel"][0, 0]  # (C, K): not the 1x1 conv layout
-    _assert_load_error(tmp_path, d, r"key 'resnet/head/conv2d/kernel' has shape \(1024, 10\), .* expects \(1, 1, 1024, 10\)")
+    _assert_load_error(
+        tmp_path, d, r"key 'resnet/head/conv2d/kernel' has shape \(1024, 10\), .* expects \(1, 1, 1024, 10\)"
+    )
 
 
 @pytest.mark.parametrize("corruption", ["truncated", "garbage", "empty"])
@@ -217,7 +220,11 @@ def test_truncated_member_is_reported(tmp_path):
 
 def test_weights_path_errors(tmp_path):
     (tmp_path / "weights.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"must be the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers .safetensors file. Received: weights=.*weights.txt"):
+    with pytest.raises(
+        ValueError,
+        match=r"must be the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers "
+        r".safetensors file. Received: weights=.*weights.txt",
+    ):
         tiny_model(weights=str(tmp_path / "weights.txt"))
     with pytest.raises(ValueError, match=r"`weights` file not found. Received: weights=.*nope.npz"):
         tiny_model(weights=str(tmp_path / "nope.npz"))
@@ -237,7 +244,11 @@ def test_keras_weights_file_round_trip_and_new_head(tmp_path, rng):
     )
     headless = tiny_model(weights=str(tmp_path / "t.weights.h5"), include_top=False, pooling="avg")
     assert headless.output_shape == (None, 1024)
-    with pytest.raises(ValueError, match=r"Checkpoint .*t.weights.h5: key 'layers/group_normalization_4/vars/0' has shape \(32,\), model 'bit_resnetv2' expects \(64,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Checkpoint .*t.weights.h5: key 'layers/group_normalization_4/vars/0' has shape \(32,\), "
+        r"model 'bit_resnetv2' expects \(64,\)",
+    ):
         keras_bit.ResNetV2((1, 1, 2, 1), base_width=32, groups=8, weights=str(tmp_path / "t.weights.h5"), classes=10)
 
 
@@ -281,7 +292,9 @@ def test_vtab_weights_download_and_head_size_from_file(tmp_path, monkeypatch):
     x = images(np.random.default_rng(2), size=64)
     assert _relative_error(model.predict(x, verbose=0), reference.forward(d, x)) <= 1e-4
     with pytest.raises(ValueError, match="Only `None` and `softmax` activations are allowed"):
-        keras_bit.BiT("BiT-M-R50x1", weights="vtab/caltech101", classifier_activation="relu", cache_dir=tmp_path / "cache")
+        keras_bit.BiT(
+            "BiT-M-R50x1", weights="vtab/caltech101", classifier_activation="relu", cache_dir=tmp_path / "cache"
+        )
 
 
 def test_unknown_weights_message_mentions_vtab():
