@@ -189,3 +189,9 @@ def test_cli_values_that_are_not_numbers_get_one_clear_line():
 def test_few_shot_seed_defaults_to_the_seed():
     assert FinetuneConfig(examples_per_class=2, seed=7).few_shot_seed == 7
     assert FinetuneConfig(examples_per_class=2, seed=7, examples_per_class_seed=3).few_shot_seed == 3
+
+
+def test_example_selecting_settings_are_marked():
+    """A refusal for one of these does not also name the examples' digests, which it changes."""
+    assert config.SELECTING == {"data", "split", "eval_split", "eval_fraction", "data_dir", "skip_bad_images",
+                                "max_pixels", "seed", "examples_per_class", "examples_per_class_seed"}

@@ -33,7 +33,7 @@ NUM_BLOCKS = 4
 MAX_SEED = 2**32 - 1
 
 
-def setting(default, help, flag, compared=True, check=None, cli=None, doc=None):
+def setting(default, help, flag, compared=True, check=None, cli=None, doc=None, selects=False):
     """One field of `FinetuneConfig`.
 
     Args:
@@ -46,8 +46,10 @@ def setting(default, help, flag, compared=True, check=None, cli=None, doc=None):
             setting; returns the plain Python value stored (NumPy numbers in).
         cli: extra `argparse.add_argument` keywords (type, choices, action).
         doc: more detail for the Python docstring.
+        selects: whether it chooses which examples train or evaluate (a
+            resume refused for it does not also name the examples' digests).
     """
-    meta = dict(help=help, flag=flag, compared=compared, check=check, cli=cli or {}, doc=doc)
+    meta = dict(help=help, flag=flag, compared=compared, check=check, cli=cli or {}, doc=doc, selects=selects)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -187,26 +189,28 @@ class FinetuneConfig:
         None, 'checkpoint to start from ("imagenet21k", "imagenet", an hf://<owner>/<repo> handle, a path); '
         "none: random initialisation", "--weights", check=_optional_path, cli=dict(type=weights_arg),
         doc="The head is always new and zero.")
-    split: str = setting("train", "tfds training split", "--split")
-    eval_split: str = setting(None, 'tfds evaluation split (default: "test", else "validation")', "--eval-split")
+    split: str = setting("train", "tfds training split", "--split", selects=True)
+    eval_split: str = setting(None, 'tfds evaluation split (default: "test", else "validation")', "--eval-split",
+                              selects=True)
     eval_fraction: float = setting(0.2, "held-out share of the training examples when there is no eval split",
-                                   "--eval-fraction", check=_fraction, cli=dict(type=float))
-    data_dir: str = setting(None, "tfds data_dir", "--data-dir", check=_optional_path)
+                                   "--eval-fraction", selects=True, check=_fraction, cli=dict(type=float))
+    data_dir: str = setting(None, "tfds data_dir", "--data-dir", selects=True, check=_optional_path)
     skip_bad_images: bool = setting(
         False, "leave out undecodable images (listed in skipped_images.txt) instead of stopping",
-        "--skip-bad-images", check=_truthy, cli=dict(action="store_true"),
+        "--skip-bad-images", selects=True, check=_truthy, cli=dict(action="store_true"),
         doc="Image folders are fully decoded once before training; an undecodable file, or one over "
             "`max_pixels`, is an error naming it.")
     max_pixels: int = setting(
         DEFAULT_MAX_PIXELS, "largest image of an image folder, height x width; larger ones are refused (or "
-        "skipped with --skip-bad-images)", "--max-pixels", check=_max_pixels, cli=_POSITIVE,
+        "skipped with --skip-bad-images)", "--max-pixels", selects=True, check=_max_pixels, cli=_POSITIVE,
         doc="Read from each header first, as `keras-bit predict` and serving. None: the default.")
     examples_per_class: int = setting(None, "few-shot: train on exactly K examples of each class",
-                                      "--examples-per-class", check=_optional_positive, cli=_POSITIVE,
+                                      "--examples-per-class", selects=True, check=_optional_positive, cli=_POSITIVE,
                                       doc="The authors' `--examples_per_class`; repeated through the stream at any "
                                           "batch size.")
     examples_per_class_seed: int = setting(None, "seed of the few-shot draw (default: --seed)",
-                                           "--examples-per-class-seed", check=_optional_seed, cli=dict(type=int))
+                                           "--examples-per-class-seed", selects=True, check=_optional_seed,
+                                           cli=dict(type=int))
     batch_size: int = setting(
         hyperrule.BASE_BATCH_SIZE, "global batch; may exceed the training set (it repeats, as in BiT's few-shot "
         "runs)", "--batch-size", check=_positive, cli=_POSITIVE,
@@ -225,7 +229,7 @@ class FinetuneConfig:
     mixup: float = setting(None, "MixUp alpha (default: BiT-HyperRule's, 0.1 from 20k training examples, else off)",
                            "--mixup", check=_mixup, cli=dict(type=float))
     seed: int = setting(0, "seed of shuffling, augmentation, MixUp and random initialisation (0 to 2**32 - 1)",
-                        "--seed", check=_seed, cli=dict(type=int),
+                        "--seed", selects=True, check=_seed, cli=dict(type=int),
                         doc="Sets Keras' global seed (`keras.utils.set_random_seed`).")
     mixed_precision: str = setting(
         None, "Keras dtype policy: float32 (none), mixed_float16 (with loss scaling) or mixed_bfloat16",
@@ -310,8 +314,7 @@ _FOLLOWING = {"weights": ("data",), "max_pixels": ("train_fingerprint", "eval_fi
 COMPARED = ("model",) + tuple(key for name, f in FIELDS.items() if f.metadata["compared"]
                               for key in (name,) + _FOLLOWING.get(name, ())) + ("mixup_workers",)
 # Settings that select other examples: when one changed, the digests that then differ are not named too.
-SELECTING = frozenset({"data", "split", "eval_split", "eval_fraction", "data_dir", "skip_bad_images",
-                       "max_pixels", "seed", "examples_per_class", "examples_per_class_seed"})
+SELECTING = frozenset({"data"} | {name for name, f in FIELDS.items() if f.metadata["selects"]})
 EXAMPLES = frozenset({"train_fingerprint", "eval_fingerprint", "class_names"})
 
 
