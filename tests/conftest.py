@@ -50,3 +50,19 @@ def interrupted_run(tmp_path_factory):
         run_finetune(root, "r", steps=10, checkpoint_every=2, callbacks=[Crash(after_batches=3)])
     keras.backend.clear_session()
     return root / "r"
+
+
+_AGNOSTIC_MARK = "pytestmark = pytest.mark.backend_agnostic"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """On JAX and PyTorch (no TensorFlow installed) only the modules marked `backend_agnostic` are imported.
+
+    A `-m` selection deselects tests only after their module is imported, and the other modules import
+    TensorFlow (or keras_bit's TensorFlow-only parts) at the top.
+    """
+    if keras.backend.backend() == "tensorflow" or collection_path.suffix != ".py":
+        return None
+    if not collection_path.name.startswith("test_"):
+        return None
+    return _AGNOSTIC_MARK not in collection_path.read_text(encoding="utf-8") or None
