@@ -307,15 +307,16 @@ DERIVED = {
     "schedule": ("steps", "--steps"),
     "mixup_workers": ("strategy", "TF_CONFIG workers"),
 }
+# The digests of the examples themselves (files and labels), whatever selected them.
+_DIGESTS = ("train_fingerprint", "eval_fingerprint", "class_names")
 # Every run.json key a resume must find unchanged, in the order a refusal names them: each derived key right
 # after the setting it follows.
-_FOLLOWING = {"weights": ("data",), "max_pixels": ("train_fingerprint", "eval_fingerprint", "class_names"),
-              "steps": ("schedule",)}
+_FOLLOWING = {"weights": ("data",), "max_pixels": _DIGESTS, "steps": ("schedule",)}
 COMPARED = ("model",) + tuple(key for name, f in FIELDS.items() if f.metadata["compared"]
                               for key in (name,) + _FOLLOWING.get(name, ())) + ("mixup_workers",)
 # Settings that select other examples: when one changed, the digests that then differ are not named too.
 SELECTING = frozenset({"data"} | {name for name, f in FIELDS.items() if f.metadata["selects"]})
-EXAMPLES = frozenset({"train_fingerprint", "eval_fingerprint", "class_names"})
+EXAMPLES = frozenset(_DIGESTS)
 
 
 def name_of(key, flags=False):
