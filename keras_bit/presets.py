@@ -64,6 +64,11 @@ class Preset:
         hub: Hugging Face Hub repositories publishing the same weights.
         size: file size in bytes, where established; checked on download.
         sha256: file digest, where established; checked on download.
+        head_activation: what the head was trained with, so what its scores
+            mean: "sigmoid" for the ImageNet-21k upstream heads (one binary
+            classifier per label, as the labels are multi-label; the authors in
+            google-research/big_transfer#26), "softmax" for the single-label
+            ILSVRC-2012 and VTAB heads.
     """
 
     model: str
@@ -75,6 +80,7 @@ class Preset:
     hub: tuple = ()
     size: int = None
     sha256: str = None
+    head_activation: str = "softmax"
 
     @property
     def url(self):
@@ -118,7 +124,8 @@ def _build_registry():
         table.append(Preset(f"BiT-S-{arch}", "imagenet", "ILSVRC-2012 (BiT-S upstream)", IMAGENET_CLASSES,
                             bucket_path=f"BiT-S-{arch}.npz"))
         table.append(Preset(f"BiT-M-{arch}", "imagenet21k", "ImageNet-21k (BiT-M upstream)", IMAGENET21K_CLASSES,
-                            bucket_path=f"BiT-M-{arch}.npz", hub=(_timm(arch, "goog_in21k"),)))
+                            bucket_path=f"BiT-M-{arch}.npz", hub=(_timm(arch, "goog_in21k"),),
+                            head_activation="sigmoid"))
         # The authors fine-tuned at 480 px (BiT-HyperRule); timm evaluates these at 448 (R152x4: 480).
         hub = (_timm(arch, "goog_in21k_ft_in1k"),) + (("google/bit-50",) if arch == "R50x1" else ())
         table.append(Preset(f"BiT-M-{arch}", "imagenet", "ImageNet-21k, fine-tuned on ILSVRC-2012",
@@ -185,18 +192,19 @@ def find(model, weights):
 
 def markdown_table():
     """The registry as the README's Markdown table (one row per model and name; VTAB runs and tasks folded)."""
-    rows = ["| model | `weights=` | trained on | classes | px | also on the Hugging Face Hub |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | `weights=` | trained on | classes | head | px | also on the Hugging Face Hub |",
+            "|---|---|---|---|---|---|---|"]
     for model in MODEL_NAMES:
         vtab = [p for p in list_presets(model) if p.weights.startswith("vtab/")]
         for p in list_presets(model):
             if p.weights.startswith("vtab/"):
                 continue
             hub = ", ".join(f"`hf://{h}`" for h in p.hub) or "-"
-            rows.append(f"| {model} | `{p.weights}` | {p.description} | {p.classes} | {p.resolution} | {hub} |")
+            rows.append(f"| {model} | `{p.weights}` | {p.description} | {p.classes} | {p.head_activation} "
+                        f"| {p.resolution} | {hub} |")
         if vtab:
             rows.append(f"| {model} | `vtab/<task>[/run<k>]` | VTAB-1k: {len(VTAB_TASKS)} tasks x runs "
-                        f"{VTAB_RUNS[0]}-{VTAB_RUNS[-1]} | from the file | - | - |")
+                        f"{VTAB_RUNS[0]}-{VTAB_RUNS[-1]} | from the file | softmax | - | - |")
     return "\n".join(rows)
 
 

@@ -225,7 +225,8 @@ ERRORS = [
     ),
     (
         dict(classifier_activation="relu"),
-        r"Only `None` and `softmax` activations are allowed .*Received: classifier_activation='relu'",
+        r"With the pretrained head loaded .*`classifier_activation` must be 'auto' \(the checkpoint's own: "
+        r"'sigmoid'\), 'softmax', 'sigmoid' or None \(logits\). Received: classifier_activation='relu'",
     ),
     (
         dict(input_shape=(224, 224, 1)),
@@ -321,3 +322,68 @@ def test_classes_none_without_head_with_weights(tmp_path):
     tiny_checkpoint(tmp_path / "tiny.npz", classes=10)
     model = tiny_model(weights=str(tmp_path / "tiny.npz"), include_top=False, classes=None, pooling="avg")
     assert model.output_shape == (None, 1024)
+
+
+# Issue 23: the head's activation is the checkpoint's own (sigmoid for the ImageNet-21k upstream heads).
+def test_every_preset_records_its_head_activation():
+    for (model, weights), preset in configs.PRESETS.items():
+        expected = "sigmoid" if weights == "imagenet21k" else "softmax"
+        assert preset.head_activation == expected, (model, weights)
+    for name in ("BiTM_R50x1", "BiTS_R50x1"):
+        params = inspect.signature(getattr(keras_bit, name)).parameters
+        assert params["classifier_activation"].default == "auto"
+    assert "sigmoid for \"imagenet21k\"" in keras_bit.BiTM_R50x1.__doc__
+    assert "softmax for \"imagenet\"" in keras_bit.BiTS_R50x1.__doc__
+
+
+def test_checkpoint_activation_of_files_and_handles():
+    from keras_bit.models.bit import checkpoint_activation
+    from keras_bit.weights.sources import Source
+
+    preset = configs.PRESETS[("BiT-M-R50x1", "imagenet21k")]
+    assert checkpoint_activation(Source("imagenet21k", preset=preset)) == "sigmoid"
+    assert checkpoint_activation(Source("imagenet", preset=configs.PRESETS[("BiT-M-R50x1", "imagenet")])) == "softmax"
+    # No preset (a file, a Hub handle): an ImageNet-21k-sized head is the upstream sigmoid head.
+    assert checkpoint_activation(Source("x.npz", classes=configs.IMAGENET21K_CLASSES)) == "sigmoid"
+    assert checkpoint_activation(Source("x.npz", classes=1000)) == "softmax"
+
+
+def _narrow_21k(tmp_path):
+    """A narrow (base 8) network with an ImageNet-21k-sized random head, as an official-layout file."""
+    d = reference.random_checkpoint((1, 1, 1, 1), base=8, classes=configs.IMAGENET21K_CLASSES, seed=3)
+    path = tmp_path / "k21.npz"
+    np.savez(path, **d)
+    return dict(block_units=(1, 1, 1, 1), base_width=8, groups=8, input_shape=(TINY_SIZE, TINY_SIZE, 3),
+                weights=str(path))
+
+
+def test_21k_head_is_sigmoid_by_default_and_softmax_is_explained(tmp_path, rng, caplog):
+    kwargs = _narrow_21k(tmp_path)
+    x = images(rng)
+    logits = keras_bit.ResNetV2(classifier_activation=None, **kwargs).predict(x, verbose=0)
+    assert logits.std() > 1e-3  # a random head: the comparison below can fail
+    with caplog.at_level("WARNING", logger="keras_bit"):
+        auto = keras_bit.ResNetV2(**kwargs)
+    assert not caplog.records  # the checkpoint's own activation: nothing to explain
+    assert auto.get_layer("head").activation is keras.activations.sigmoid
+    expected = 1 / (1 + np.exp(-logits.astype("float64")))
+    np.testing.assert_allclose(auto.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    with caplog.at_level("WARNING", logger="keras_bit"):
+        softmax = keras_bit.ResNetV2(classifier_activation="softmax", **kwargs)
+    assert softmax.get_layer("head").activation is keras.activations.softmax
+    assert "trained with sigmoid (one binary classifier per label)" in caplog.text
+    assert "classifier_activation='softmax'" in caplog.text
+
+
+def test_auto_activation_of_a_new_head_and_a_single_label_checkpoint(tmp_path, caplog):
+    tiny_checkpoint(tmp_path / "tiny.npz", classes=10)
+    assert tiny_model().get_layer("head").activation is keras.activations.softmax  # no weights
+    assert tiny_model(weights=str(tmp_path / "tiny.npz")).get_layer("head").activation is keras.activations.softmax
+    new = tiny_model(weights=str(tmp_path / "tiny.npz"), classes=3)  # a new (fine-tuning) head: softmax
+    assert new.get_layer("head").activation is keras.activations.softmax
+    with caplog.at_level("WARNING", logger="keras_bit"):
+        sigmoid = tiny_model(weights=str(tmp_path / "tiny.npz"), classifier_activation="sigmoid")
+    assert sigmoid.get_layer("head").activation is keras.activations.sigmoid  # allowed, and explained
+    assert "trained with softmax (one label per image)" in caplog.text
+    with pytest.raises(ValueError, match=r"A softmax over one class is always 1\.0: for a binary"):
+        tiny_model(weights=str(tmp_path / "tiny.npz"), classes=1)  # "auto" is softmax for a new head

@@ -27,27 +27,65 @@ logger = logging.getLogger("keras_bit")
 _DEFAULT = object()  # "the default weights of this family"
 
 
-def _check_pretrained_head_activation(classifier_activation):
-    if keras.activations.get(classifier_activation) not in (
-        keras.activations.get("softmax"),
-        keras.activations.get(None),
-    ):
+AUTO = "auto"  # `classifier_activation`'s default: the checkpoint's own
+_LOADED_HEAD_ACTIVATIONS = ("softmax", "sigmoid", None)
+
+
+def checkpoint_activation(source):
+    """The activation a checkpoint's head was trained with, which is what its scores mean.
+
+    A preset records it ("sigmoid" for the ImageNet-21k upstream heads, the
+    labels being multi-label; "softmax" for ILSVRC-2012 and VTAB). For a file
+    or Hub handle that is no preset, a 21,843-class head is an ImageNet-21k
+    upstream head (sigmoid); any other is taken as single-label (softmax).
+    """
+    if source.preset is not None:
+        return source.preset.head_activation
+    return "sigmoid" if source.classes == presets.IMAGENET21K_CLASSES else "softmax"
+
+
+def _is_auto(classifier_activation):
+    return isinstance(classifier_activation, str) and classifier_activation == AUTO
+
+
+def _same_activation(a, b):
+    return keras.activations.get(a) is keras.activations.get(b)
+
+
+def _head_activation(classifier_activation, source, load_head, explain):
+    """The head's activation: `"auto"` resolved, a loaded head's choice checked (and explained when it differs)."""
+    own = checkpoint_activation(source) if load_head else "softmax"
+    if _is_auto(classifier_activation):
+        return own
+    if not load_head:
+        return classifier_activation
+    if not any(_same_activation(classifier_activation, a) for a in _LOADED_HEAD_ACTIVATIONS):
         raise ValueError(
-            "Only `None` and `softmax` activations are allowed for `classifier_activation` "
-            "when the pretrained head is loaded (include_top=True with the checkpoint's "
-            f"classes). Received: classifier_activation={classifier_activation!r}"
-        )
+            f"With the pretrained head loaded (include_top=True with the checkpoint's classes), "
+            f"`classifier_activation` must be 'auto' (the checkpoint's own: {own!r}), 'softmax', 'sigmoid' or "
+            f"None (logits). Received: classifier_activation={classifier_activation!r}")
+    if explain and classifier_activation is not None and not _same_activation(classifier_activation, own):
+        logger.warning(
+            "The head of %s was trained with %s (%s); classifier_activation=%r gives scores of another kind "
+            "(the ranking is the same). Pass classifier_activation='auto' for the checkpoint's own.",
+            source.spec, own, "one binary classifier per label" if own == "sigmoid" else "one label per image",
+            classifier_activation)
+    return classifier_activation
 
 
-def _plan_head(include_top, classes, source_classes, classifier_activation):
-    """`(head size, whether the file's head is loaded)`; a different class count means a new zero head."""
+def _plan_head(include_top, classes, source, classifier_activation, explain=False):
+    """`(head size, whether the file's head is loaded, the head's activation)`.
+
+    A class count different from the checkpoint's means a new zero head,
+    softmax under "auto" (fine-tuning is single-label).
+    """
+    source_classes = source.classes if source is not None else None
     head_classes = classes or source_classes or presets.IMAGENET_CLASSES
     load_head = include_top and source_classes is not None and head_classes == source_classes
-    if load_head:
-        _check_pretrained_head_activation(classifier_activation)
+    activation = _head_activation(classifier_activation, source, load_head, explain)
     if include_top:
-        resnet_v2.check_one_class_head(head_classes, classifier_activation, load_head)  # a one-class checkpoint
-    return head_classes, load_head
+        resnet_v2.check_one_class_head(head_classes, activation, load_head)  # a one-class checkpoint
+    return head_classes, load_head, activation
 
 
 def ResNetV2(
@@ -59,7 +97,7 @@ def ResNetV2(
     input_shape=None,
     pooling=None,
     classes=None,
-    classifier_activation="softmax",
+    classifier_activation=AUTO,
     name="bit_resnetv2",
     *,
     base_width=64,
@@ -99,7 +137,13 @@ def ResNetV2(
             fine-tuning recipe). Refused with `include_top=False` (there is
             no head to size) and, with softmax, for 1 class (always 1.0).
             A variable beyond 2**31 weights is refused before allocation.
-        classifier_activation: activation of the head (str, callable or None).
+        classifier_activation: activation of the head (str, callable or
+            None for logits). "auto" (the default) is the checkpoint's own
+            with its head loaded (see `checkpoint_activation`: sigmoid for
+            the ImageNet-21k heads, softmax for ILSVRC-2012 and VTAB) and
+            softmax for a new head. A loaded head takes "auto", "softmax",
+            "sigmoid" or None; one that differs from the checkpoint's is
+            logged.
         name: model name (a non-empty string without "/").
         base_width: int, root width before `width_factor` (64 in BiT).
         groups: int, GroupNorm groups (32 in BiT).
@@ -125,7 +169,8 @@ def ResNetV2(
     *architecture, output_stride = resnet_v2.check_architecture_args(
         block_units, width_factor, base_width, groups, output_stride)  # plain ints from here on
     units, width_factor, base_width, groups = architecture
-    include_top, pooling, classes = resnet_v2.check_head(include_top, pooling, classes, classifier_activation)
+    include_top, pooling, classes = resnet_v2.check_head(  # "auto" is resolved once the checkpoint is known
+        include_top, pooling, classes, None if _is_auto(classifier_activation) else classifier_activation)
     name = check_name(name)
     default_size = check_positive_int(default_size, "default_size")
     source = sources.resolve_source(weights, model_name)  # names, handles and files checked; nothing downloaded
@@ -133,10 +178,11 @@ def ResNetV2(
     shape = resnet_v2.check_input_shape(input_shape, include_top, default_size, channels)
     resnet_v2.check_sizes(width_factor, base_width, shape[-1], classes)
     if source is not None and source.hub is None and (source.classes is not None or source.preset is None):
-        _plan_head(include_top, classes, source.classes, classifier_activation)  # before any download
+        _plan_head(include_top, classes, source, classifier_activation)  # before any download
     if source is not None:
         source = sources.fetch(source, cache_dir, tuple(architecture))  # before building: fail fast when offline
-    head_classes, load_head = _plan_head(include_top, classes, source and source.classes, classifier_activation)
+    head_classes, load_head, classifier_activation = _plan_head(
+        include_top, classes, source, classifier_activation, explain=True)
     size = (source and source.resolution) or default_size
     model = resnet_v2.build_resnet_v2(
         units, width_factor, include_top=include_top, input_tensor=input_tensor,
@@ -172,7 +218,7 @@ def BiT(
     input_shape=None,
     pooling=None,
     classes=None,
-    classifier_activation="softmax",
+    classifier_activation=AUTO,
     name=None,
     *,
     output_stride=32,
@@ -273,7 +319,10 @@ BASE_DOCSTRING = """Instantiates the {model_name} architecture ({upstream}).
             zero-initialised head, as BiT fine-tuning does. Needs the head
             (include_top=True); 1 class needs "sigmoid" or None, not softmax.
         classifier_activation: head activation (str or callable, or None for
-            logits). Only None or "softmax" with the pretrained head.
+            logits). "auto" (default): the checkpoint's own with its head
+            loaded ({default_activation} for "{default}": {default_meaning}),
+            softmax for a new head. A loaded head takes "auto", "softmax",
+            "sigmoid" or None.
         name: model name.
         output_stride: 32, 16 or 8 (keyword only): dilate the later blocks
             instead of striding them, for dense prediction.
@@ -299,7 +348,7 @@ def _named_constructor(model_name):
         input_shape=None,
         pooling=None,
         classes=None,
-        classifier_activation="softmax",
+        classifier_activation=AUTO,
         name=None,
         *,
         output_stride=32,
@@ -326,6 +375,10 @@ def _named_constructor(model_name):
         width=arch.width_factor,
         weights_names=", ".join(f'"{w}"' for w in presets.weights_names(model_name) if not w.startswith("vtab/")),
         default=default,
+        default_activation=presets.PRESETS[(model_name, default)].head_activation,
+        default_meaning=("one binary classifier per label, ImageNet-21k being multi-label"
+                         if presets.PRESETS[(model_name, default)].head_activation == "sigmoid"
+                         else "one label per image"),
         vtab=', a VTAB-1k release "vtab/<task>" or "vtab/<task>/run<k>"' if model_name in presets.VTAB_MODELS else "",
         function=constructor.__name__,
     )

@@ -137,7 +137,7 @@ def check_head(include_top, pooling, classes, classifier_activation):
 def check_one_class_head(classes, classifier_activation, pretrained=False):
     """Refuses a softmax over a single class: it is 1.0 for every input, so the model could say nothing."""
     if classes == 1 and keras.activations.get(classifier_activation) is keras.activations.softmax:
-        advice = ("pass classifier_activation=None for its logit (a loaded head takes None or softmax only)"
+        advice = ("pass classifier_activation=None for its logit (a loaded head takes sigmoid, softmax or None)"
                   if pretrained else
                   "for a binary (one-score) head pass classifier_activation='sigmoid' (or None for a logit), "
                   "or use classes=2")
