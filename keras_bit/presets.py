@@ -69,6 +69,11 @@ class Preset:
             classifier per label, as the labels are multi-label; the authors in
             google-research/big_transfer#26), "softmax" for the single-label
             ILSVRC-2012 and VTAB heads.
+        kaggle: Kaggle Models handles (kagglehub form, `kaggle://` +
+            handle for `weights=`) of the authors' TF2 SavedModels of the
+            same weights (formerly TF Hub `google/bit/...`): the module with
+            this head first, then the feature-vector module. A preset without
+            `bucket_path` (the experts) loads from the first.
     """
 
     model: str
@@ -81,15 +86,17 @@ class Preset:
     size: int = None
     sha256: str = None
     head_activation: str = "softmax"
+    kaggle: tuple = ()
 
     @property
     def url(self):
-        return base_url() + self.bucket_path
+        """The bucket file's URL; None for a preset published only on Kaggle Models."""
+        return base_url() + self.bucket_path if self.bucket_path else None
 
     @property
     def filename(self):
-        """Name of the file in the cache."""
-        return self.bucket_path.replace("/", "-")
+        """Name of the file in the cache (None without a bucket file)."""
+        return self.bucket_path.replace("/", "-") if self.bucket_path else None
 
     @property
     def architecture(self):
@@ -117,20 +124,58 @@ VTAB_TASKS = (
 VTAB_MODELS = ("BiT-M-R50x1", "BiT-M-R101x1", "BiT-M-R50x3", "BiT-M-R101x3", "BiT-M-R152x4")
 VTAB_RUNS = (0, 1, 2)
 
+# TF Hub's BiT architectures (google/collections/bit/1: no R152x2), and its 48 experts: BiT-M-R50x1 fine-tuned on
+# one ImageNet-21k subtree each (Puigcerver et al., arXiv 2009.13239), feature vectors only, named as in the TF Hub
+# collection google/collections/experts/bit/1 (tensorflow/tfhub.dev assets/docs/google/models/experts/bit/r50x1/in21k/).
+TFHUB_ARCHITECTURES = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x4")
+EXPERT_SUBTREES = (
+    "abstraction", "angiosperm", "animal", "arthropod", "artifact", "bird", "carnivore", "chordate", "clothing",
+    "commodity", "consumer_goods", "container", "conveyance", "covering", "device", "entity", "equipment", "flower",
+    "food", "foodstuff", "herb", "implement", "instrument", "instrumentality", "invertebrate", "living_thing",
+    "mammal", "matter", "natural_object", "nutrient", "nutriment", "object", "organism", "part", "physical_entity",
+    "placental", "plant", "relation", "solid", "spermatophyte", "structure", "substance", "tree", "vascular_plant",
+    "vehicle", "vertebrate", "whole", "woody_plant",
+)
+
+
+def _kaggle(family, arch, head=None):
+    """The Kaggle Models handles of a TF Hub BiT module (none for R152x2): `head` "ilsvrc2012" or "imagenet21k" for
+    the classification module (first), then the feature-vector one (upstream weights only)."""
+    if arch not in TFHUB_ARCHITECTURES:
+        return ()
+    variation = f"{family[-1].lower()}-{arch.lower()}"
+    features = (f"google/bit/tensorFlow2/{variation}/1",)
+    if head is None:
+        return features
+    classification = (f"google/bit/tensorFlow2/{variation}-{head}-classification/1",)
+    return classification + (features if (family, head) in (("BiT-S", "ilsvrc2012"), ("BiT-M", "imagenet21k")) else ())
+
+
+def _expert_kaggle(subtree):
+    """Kaggle handle of TF Hub's google/experts/bit/r50x1/in21k/<subtree>/1, spelled by the rule Kaggle applied to
+    google/bit/m-r50x1/ilsvrc2012_classification/1 (-> google/bit/tensorFlow2/m-r50x1-ilsvrc2012-classification/1)
+    and google/experts/bert/pubmed/2 (-> google/experts-bert/tensorFlow2/pubmed/2); not checked against Kaggle."""
+    return f"google/experts-bit/tensorFlow2/r50x1-in21k-{subtree.replace('_', '-')}/1"
+
+
+def kaggle_handle(preset):
+    """The Kaggle Models handle a preset without a bucket file loads from (its first), else None."""
+    return preset.kaggle[0] if preset.kaggle else None
+
 
 def _build_registry():
     table = []
     for arch in ARCHITECTURES:
         table.append(Preset(f"BiT-S-{arch}", "imagenet", "ILSVRC-2012 (BiT-S upstream)", IMAGENET_CLASSES,
-                            bucket_path=f"BiT-S-{arch}.npz"))
+                            bucket_path=f"BiT-S-{arch}.npz", kaggle=_kaggle("BiT-S", arch, "ilsvrc2012")))
         table.append(Preset(f"BiT-M-{arch}", "imagenet21k", "ImageNet-21k (BiT-M upstream)", IMAGENET21K_CLASSES,
                             bucket_path=f"BiT-M-{arch}.npz", hub=(_timm(arch, "goog_in21k"),),
-                            head_activation="sigmoid"))
+                            head_activation="sigmoid", kaggle=_kaggle("BiT-M", arch, "imagenet21k")))
         # The authors fine-tuned at 480 px (BiT-HyperRule); timm evaluates these at 448 (R152x4: 480).
         hub = (_timm(arch, "goog_in21k_ft_in1k"),) + (("google/bit-50",) if arch == "R50x1" else ())
         table.append(Preset(f"BiT-M-{arch}", "imagenet", "ImageNet-21k, fine-tuned on ILSVRC-2012",
                             IMAGENET_CLASSES, FINETUNED_RESOLUTION, bucket_path=f"BiT-M-{arch}-ILSVRC2012.npz",
-                            hub=hub))
+                            hub=hub, kaggle=_kaggle("BiT-M", arch, "ilsvrc2012")))
     # R50x1 students distilled on ILSVRC-2012 from the BiT-M-R152x2 teacher (Beyer et al., arXiv 2106.05237),
     # and the teachers.
     for size in (224, 160):
@@ -146,6 +191,9 @@ def _build_registry():
             for task in VTAB_TASKS:
                 table.append(Preset(model, f"vtab/{task}/run{run}", f"VTAB-1k {task}, run {run}", resolution=None,
                                     bucket_path=f"vtab/{model}-run{run}-{task}.npz"))
+    for subtree in EXPERT_SUBTREES:  # feature vectors (no head), on Kaggle Models only; input size not published
+        table.append(Preset("BiT-M-R50x1", f"expert/{subtree}", f"ImageNet-21k, fine-tuned on its {subtree!r} subtree",
+                            resolution=None, kaggle=(_expert_kaggle(subtree),)))
     return {(p.model, p.weights): p for p in table}
 
 
@@ -192,19 +240,25 @@ def find(model, weights):
 
 def markdown_table():
     """The registry as the README's Markdown table (one row per model and name; VTAB runs and tasks folded)."""
-    rows = ["| model | `weights=` | trained on | classes | head | px | also on the Hugging Face Hub |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | `weights=` | trained on | classes | head | px | also on the Hugging Face Hub "
+            "| also on Kaggle Models (TF2 SavedModel) |", "|---|---|---|---|---|---|---|---|"]
     for model in MODEL_NAMES:
         vtab = [p for p in list_presets(model) if p.weights.startswith("vtab/")]
+        experts = [p for p in list_presets(model) if p.weights.startswith("expert/")]
         for p in list_presets(model):
-            if p.weights.startswith("vtab/"):
+            if p.weights.startswith(("vtab/", "expert/")):
                 continue
             hub = ", ".join(f"`hf://{h}`" for h in p.hub) or "-"
+            kaggle = ", ".join(f"`kaggle://{h}`" for h in p.kaggle) or "-"
             rows.append(f"| {model} | `{p.weights}` | {p.description} | {p.classes} | {p.head_activation} "
-                        f"| {p.resolution} | {hub} |")
+                        f"| {p.resolution} | {hub} | {kaggle} |")
         if vtab:
             rows.append(f"| {model} | `vtab/<task>[/run<k>]` | VTAB-1k: {len(VTAB_TASKS)} tasks x runs "
-                        f"{VTAB_RUNS[0]}-{VTAB_RUNS[-1]} | from the file | softmax | - | - |")
+                        f"{VTAB_RUNS[0]}-{VTAB_RUNS[-1]} | from the file | softmax | - | - | - |")
+        if experts:
+            rows.append(f"| {model} | `expert/<subtree>` | ImageNet-21k subtree experts: {len(experts)} subtrees "
+                        "(`presets.EXPERT_SUBTREES`) | no head | - | - | - | "
+                        f"`kaggle://{_expert_kaggle('<subtree>')}` |")
     return "\n".join(rows)
 
 

@@ -59,6 +59,20 @@ def copy_run(run_dir, tmp_path, name="run"):
     return tmp_path / name
 
 
+def folder_digests(folder):
+    """`{relative path: sha256}` of every file under `folder`: equal digests mean nothing was written or changed."""
+    import hashlib
+    import os
+
+    digests = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digests[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
 class Crash(keras.callbacks.Callback):
     """Raises KeyboardInterrupt after `after_batches` training batches: a killed run."""
 
@@ -234,6 +248,13 @@ def assert_safetensors_refused(path, tensors, message):
 EXPORT_CLASSES = [f"class_{i}" for i in range(5)]
 
 
+# File name and runtime of each export format (conftest's `classifier_exports`).
+EXPORT_FILES = {"litert": "model.tflite", "onnx": "model.onnx", "openvino": "model.xml",
+                "tf_saved_model": "saved_model"}
+EXPORT_RUNTIMES = {"litert": "ai_edge_litert", "onnx": "onnxruntime", "openvino": "openvino",
+                   "tf_saved_model": "tensorflow"}
+
+
 def export_classifier(tmp_path, **kwargs):
     """A tiny 5-class model with a random head (so outputs vary with the input), loaded from an .npz."""
     tiny_checkpoint(tmp_path / "classifier.npz", classes=5, seed=4)
@@ -288,6 +309,21 @@ def installed_command(*argv, cwd=None, timeout=300, env=None):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def cli_in_process(*argv, capsys):
+    """`keras_bit.cli.main(argv)` in this process, as a CompletedProcess like `installed_command`'s (a console
+    script start costs seconds: keep `installed_command` for what only a real process shows)."""
+    import subprocess
+
+    from keras_bit import cli
+
+    try:
+        code = cli.main(list(map(str, argv)))
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
 def assert_cli_error(proc, command, *fragments):
     """`proc` (see `installed_command`) ended with exit status 2 and one stderr line naming each fragment."""
     lines = proc.stderr.strip().splitlines()
@@ -330,3 +366,38 @@ class HeldElsewhere:
         if self.proc.poll() is None:
             self.proc.communicate("\n", timeout=60)
         return False
+
+
+def hub_lacks(monkeypatch, *filenames):
+    """Makes `huggingface_hub.hf_hub_download` answer as the Hub does for files a repository lacks (HTTP 404).
+
+    With HF_HUB_OFFLINE=1 a file missing from the cache is "not cached", never "not in the repository"; this
+    stands for the online answer.
+    """
+    import importlib
+
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    download = huggingface_hub.hf_hub_download
+    http = importlib.import_module(errors.Response.__module__.split(".")[0])  # the Response class's HTTP library
+
+    def hub(repo_id, filename, **kwargs):
+        if filename in filenames:
+            url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+            raise errors.RemoteEntryNotFoundError(
+                "404 Client Error: Entry Not Found", response=http.Response(404, request=http.Request("HEAD", url)))
+        return download(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+
+
+def torch_saved(state):
+    """The bytes `torch.save(state)` writes (a zip of data.pkl and the tensor storages); needs PyTorch."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

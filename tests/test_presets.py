@@ -25,7 +25,7 @@ def _vtab(p):
 
 
 def test_registry_keys_and_identity():
-    assert len(ALL) == len({(p.model, p.weights) for p in ALL}) == 307
+    assert len(ALL) == len({(p.model, p.weights) for p in ALL}) == 307 + 48  # + the TF Hub experts
     for key, p in presets.PRESETS.items():
         assert key == (p.model, p.weights)
         assert p.model in presets.MODEL_NAMES
@@ -33,6 +33,8 @@ def test_registry_keys_and_identity():
 
 def _problems(p):
     """What is wrong with one preset (empty when nothing)."""
+    if p.bucket_path is None:  # published on Kaggle Models only (the experts): loaded from its first handle
+        return [] if p.kaggle and p.weights.startswith("expert/") and p.classes is None else ["no file"]
     checks = {
         "bucket_path is a relative .npz": p.bucket_path.endswith(".npz") and not p.bucket_path.startswith("/"),
         "url under BASE_URL": p.url.startswith(presets.BASE_URL) and "//" not in p.url[len("https://"):],
@@ -48,7 +50,7 @@ def _problems(p):
 
 
 def test_every_preset_is_well_formed():
-    """One test over all 307 (a test each would spend minutes in the per-test Keras reset)."""
+    """One test over all 355 (a test each would spend minutes in the per-test Keras reset)."""
     bad = {f"{p.model}:{p.weights}": _problems(p) for p in ALL}
     assert {k: v for k, v in bad.items() if v} == {}
     for p in ALL:
@@ -59,8 +61,9 @@ def test_every_preset_is_well_formed():
 
 
 def test_files_are_distinct():
-    assert len({p.bucket_path for p in ALL}) == len(ALL)
-    assert len({p.filename for p in ALL}) == len(ALL)  # no two presets share a cache file
+    files = [p for p in ALL if p.bucket_path]
+    assert len({p.bucket_path for p in files}) == len(files) == len(ALL) - 48
+    assert len({p.filename for p in files}) == len(files)  # no two presets share a cache file
 
 
 def test_upstream_and_finetuned_files():
@@ -119,7 +122,7 @@ def test_presets_module_is_callable_and_filters():
     assert keras_bit.presets.PRESETS is presets.PRESETS
     assert [p.weights for p in keras_bit.presets("BiT-S-R50x1")] == ["imagenet"]
     assert {p.model for p in keras_bit.presets("BiT-M-R152x2")} == {"BiT-M-R152x2"}
-    assert len(keras_bit.presets("BiT-M-R50x1")) == 3 + 1 + 57  # 21k, ft, 2 distilled; 19 tasks x 3 runs
+    assert len(keras_bit.presets("BiT-M-R50x1")) == 3 + 1 + 57 + 48  # 21k, ft, 2 distilled; 19 x 3 VTAB; experts
     with pytest.raises(ValueError, match=r"Unknown BiT model name.*Received: model_name='BiT-L-R50x1'"):
         keras_bit.presets("BiT-L-R50x1")
 
@@ -157,3 +160,50 @@ def test_unpublished_vtab_name_lists_valid_names(model, weights):
 def test_mirror_base_url(monkeypatch):
     monkeypatch.setenv(presets.BASE_URL_ENV, "file:///srv/bit")
     assert presets.PRESETS[("BiT-S-R50x1", "imagenet")].url == "file:///srv/bit/BiT-S-R50x1.npz"
+
+
+# Issue 23: TF Hub / Kaggle Models. The 48 experts as TF Hub names them (collection google/experts/bit/1).
+TFHUB_EXPERTS = set("""
+abstraction angiosperm animal arthropod artifact bird carnivore chordate clothing commodity consumer_goods container
+conveyance covering device entity equipment flower food foodstuff herb implement instrument instrumentality
+invertebrate living_thing mammal matter natural_object nutrient nutriment object organism part physical_entity
+placental plant relation solid spermatophyte structure substance tree vascular_plant vehicle vertebrate whole
+woody_plant""".split())
+KAGGLE_ID = re.compile(r"google/bit/tensorFlow2/(?P<family>[sm])-r(?P<depth>50|101|152)x(?P<width>[1-4])"
+                       r"(?P<head>-ilsvrc2012-classification|-imagenet21k-classification)?/1")
+
+
+def test_experts_are_feature_vectors_on_kaggle():
+    experts = [p for p in ALL if p.weights.startswith("expert/")]
+    assert {p.weights[len("expert/"):] for p in experts} == TFHUB_EXPERTS and len(experts) == 48
+    for p in experts:
+        subtree = p.weights[len("expert/"):]
+        assert (p.model, p.classes, p.bucket_path, p.url, p.hub) == ("BiT-M-R50x1", None, None, None, ())
+        assert p.kaggle == (f"google/experts-bit/tensorFlow2/r50x1-in21k-{subtree.replace('_', '-')}/1",)
+        check_weights(p.model, p.weights)  # resolves without downloading
+    assert "expert/bird" in presets.weights_names("BiT-M-R50x1")
+
+
+def test_kaggle_handles_match_the_preset():
+    """Each TF Hub architecture's presets name their Kaggle modules: the one with this head first, then (for the
+    upstream checkpoints) the feature-vector module; R152x2 was never on TF Hub."""
+    for p in ALL:
+        if p.weights.startswith("expert/"):
+            continue
+        if p.weights not in ("imagenet", "imagenet21k") or p.model.endswith("R152x2"):
+            assert p.kaggle == (), p
+            continue
+        matches = [KAGGLE_ID.fullmatch(h) for h in p.kaggle]
+        assert all(matches) and len(matches) == (1 if (p.model[:5], p.weights) == ("BiT-M", "imagenet") else 2), p
+        head, features = matches[0], matches[1:]
+        assert f"BiT-{head['family'].upper()}-R{head['depth']}x{head['width']}" == p.model
+        expected = "-imagenet21k-classification" if p.weights == "imagenet21k" else "-ilsvrc2012-classification"
+        assert head["head"] == expected and all(m["head"] is None for m in features), p
+    assert len({h for p in ALL for h in p.kaggle}) == 5 * 5 + 48  # S: 2 each, M: 3 each; and the experts
+
+
+def test_markdown_table_lists_kaggle_handles_and_folds_experts():
+    table = presets.markdown_table()
+    assert "`kaggle://google/bit/tensorFlow2/m-r50x1/1`" in table
+    assert table.count("expert/") == 1 and "r50x1-in21k-<subtree>" in table
+    assert all(line.count("|") == 9 for line in table.splitlines())

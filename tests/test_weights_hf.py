@@ -1,6 +1,5 @@
 """transformers checkpoints (`BitForImageClassification` / `BitModel` `.safetensors`), local and via `hf://`."""
 
-import importlib
 import os
 import re
 import logging
@@ -140,28 +139,6 @@ def test_not_cached_offline_is_refused(hub):
     """Today's behaviour, whatever its class: refused with an error naming the repository."""
     with pytest.raises((ValueError, OSError), match=r"hf://nobody/nothing"):
         tiny_model(weights="hf://nobody/nothing")
-
-
-def test_hub_repository_without_safetensors(hub, monkeypatch):
-    """The Hub answers 404 for model.safetensors (e.g. only pytorch_model.bin on main): ValueError."""
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    hub_repo(hub, REPO, {"config.json": bit_config(), "pytorch_model.bin": b"not read"})
-    download = huggingface_hub.hf_hub_download
-    # The Hub's answer, as huggingface_hub raises it (its Response class comes from its HTTP library).
-    http = importlib.import_module(errors.Response.__module__.split(".")[0])
-
-    def hub_without_safetensors(repo_id, filename, **kwargs):
-        if filename == "model.safetensors":
-            url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
-            raise errors.RemoteEntryNotFoundError(
-                "404 Client Error: Entry Not Found", response=http.Response(404, request=http.Request("HEAD", url)))
-        return download(repo_id, filename, **kwargs)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_without_safetensors)
-    with pytest.raises(ValueError, match=rf"hf://{REPO} has no model.safetensors"):
-        tiny_model(weights=f"hf://{REPO}")
 
 
 def test_hub_architecture_mismatch_names_both(tiny_repo):

@@ -291,7 +291,8 @@ def test_vtab_weights_download_and_head_size_from_file(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "bit_models" / "vtab-BiT-M-R50x1-run0-caltech101.npz").is_file()
     x = images(np.random.default_rng(2), size=64)
     assert _relative_error(model.predict(x, verbose=0), reference.forward(d, x)) <= 1e-4
-    with pytest.raises(ValueError, match="Only `None` and `softmax` activations are allowed"):
+    with pytest.raises(ValueError,
+                       match=r"must be .auto. \(the checkpoint.s own: .softmax.\), .softmax., .sigmoid. or None"):
         keras_bit.BiT(
             "BiT-M-R50x1", weights="vtab/caltech101", classifier_activation="relu", cache_dir=tmp_path / "cache"
         )

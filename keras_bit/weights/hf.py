@@ -8,7 +8,7 @@ Only preactivation configs with symmetric padding (`global_padding` null) are
 BiT; "SAME" padding (ViT-hybrid backbones) computes another function.
 """
 
-from keras_bit.weights import core, hub_config, safetensors_io
+from keras_bit.weights import core, hub_config, state_dict
 from keras_bit.weights.timm import unit_module
 
 HEAD = "classifier.1"
@@ -82,9 +82,9 @@ def resolution(config, source):
 
 
 def head_classes(path):
-    return safetensors_io.head_classes(path, HEAD)
+    return state_dict.head_classes(path, HEAD)
 
 
 def load(model, path, load_head=True):
-    """Strictly loads a transformers BiT `.safetensors` file (head tensors skipped unless `load_head`)."""
-    safetensors_io.load(model, path, key_map, HEAD, load_head)
+    """Strictly loads a transformers BiT `.safetensors` or `.bin` state dict (head skipped unless `load_head`)."""
+    state_dict.load(model, path, key_map, HEAD, load_head)

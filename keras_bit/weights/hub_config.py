@@ -80,3 +80,21 @@ def mapping(config, name, source, default=_MISSING):
     if not isinstance(value, dict):
         raise _problem(source, name, value, "a JSON object")
     return value
+
+
+def keras_bit_model(config, source):
+    """`(architecture, resolution)` stated by the config.json of keras_bit's own Keras form (`keras_bit.publish`).
+
+    `architecture` is `(block_units, width_factor, base_width, groups)` from its `model_config` (the
+    `keras_bit.ResNetV2` arguments), None when the config has none; `resolution` the square
+    `preprocessing.image_size`, else None.
+    """
+    model = mapping(config, "model_config", source, default=None)
+    architecture = None
+    if model is not None:
+        where = f"{source} model_config"
+        architecture = (integers(model, "block_units", where, 4, 1, 256), integer(model, "width_factor", where, 1, 64),
+                        integer(model, "base_width", where, 1, 1024), integer(model, "groups", where, 1, 1024))
+    preprocessing = mapping(config, "preprocessing", source, default={})
+    size = integers(preprocessing, "image_size", f"{source} preprocessing", 2, 1, MAX_RESOLUTION, default=None)
+    return architecture, (size[0] if size and size[0] == size[1] else None)

@@ -1,4 +1,7 @@
-"""Reading `.safetensors` files (timm and transformers checkpoints) into NumPy, lazily."""
+"""Reading `.safetensors` files (timm and transformers checkpoints) into NumPy, lazily.
+
+`state_dict` loads them (and `pytorch_model.bin` files) through the timm and transformers key maps.
+"""
 
 from keras_bit import io
 from keras_bit.weights import core
@@ -53,17 +56,3 @@ class Reader:
         with core.reading(self.path, key):
             return self._file.get_tensor(key)
 
-
-def head_classes(path, head_module):
-    """Class count of the head `<head_module>.bias` (from the header), or None if it has none."""
-    with Reader(path) as reader:
-        # timm's head is a 1x1 convolution (classes, in, 1, 1), transformers' a Linear (classes, in).
-        return core.head_size(reader, path, f"{head_module}.bias", f"{head_module}.weight", 0)
-
-
-def load(model, path, key_map_fn, head_module, load_head=True):
-    """Strictly loads a `.safetensors` file; `key_map_fn(model, load_head, keys)` maps its tensors."""
-    with Reader(path) as reader:
-        head = [k for k in reader.keys() if k.startswith(head_module + ".")]  # noqa: SIM118 (a Reader, not a dict)
-        ignorable = head if not load_head else ()
-        core.load_strict(model, reader, key_map_fn(model, load_head, reader.keys()), path, ignorable)

@@ -2,24 +2,25 @@
 
 `resolve_source` checks a value without downloading anything; `fetch` makes its
 files local (the authors' bucket through `download`, the Hugging Face Hub
-through `huggingface_hub` and its cache); `load_weights` hands a local file to
+through `hub_files`: huggingface_hub and its cache); `load_weights` hands a local file to
 the reader of its format. Every reader goes through `core.load_strict`.
 """
 
 import contextlib
 import dataclasses
 import os
-import re
 
 from keras_bit import io, presets
-from keras_bit.weights import core, download, hf, hub_config, keras_h5, npz, safetensors_io, timm
+from keras_bit.backend import BackendError
+from keras_bit.weights import (
+    core, download, hf, hub_config, hub_files, keras_archive, keras_h5, npz, safetensors_io, state_dict, tfhub, timm,
+)
+from keras_bit.weights.hub_files import parse_hub_handle
 
 CACHE_SUBDIR = "bit_models"
-HUB_SCHEME = "hf://"
-FORMATS = {"npz": npz, "keras": keras_h5, "timm": timm, "transformers": hf}
-# A branch, tag or commit ("main", "v1.0", "refs/pr/3", a sha): huggingface_hub keeps a branch's commit in a file
-# named after it under the cache, so "." / ".." parts or other characters could point outside it.
-_REVISION = re.compile(r"(?!\.{1,2}(/|$))[A-Za-z0-9_.-]{1,128}(/(?!\.{1,2}(/|$))[A-Za-z0-9_.-]{1,128}){0,7}")
+HUB_SCHEME = hub_files.SCHEME
+FORMATS = {"npz": npz, "keras": keras_h5, "keras_archive": keras_archive, "timm": timm, "transformers": hf,
+           tfhub.FORMAT: tfhub}
 FILE_HELP = "the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers .safetensors file"
 
 
@@ -31,12 +32,14 @@ class Source:
         spec: the value as given.
         preset: the `presets.Preset`, for a published name.
         path: the local file, once known.
-        format: "npz", "keras", "timm" or "transformers", once known.
+        format: a key of `FORMATS` ("npz", "keras", "keras_archive", "timm" or "transformers"), once known.
         classes: head size, once known (None: no head).
         resolution: the input size it was made for, where known.
         architecture: `(block_units, width_factor, base_width, groups)` stated
             by a Hub config, checked against the model before building.
         hub: `(repo_id, revision)` of an `hf://` handle.
+        kaggle: the kagglehub handle of a `kaggle://` value or of a preset
+            published only on Kaggle Models (a TF2 SavedModel).
     """
 
     spec: object
@@ -47,25 +50,7 @@ class Source:
     resolution: int = None
     architecture: tuple = None
     hub: tuple = None
-
-
-def parse_hub_handle(handle):
-    """`("owner/name", revision or None)` of "hf://owner/name[@revision]"; ValueError naming the handle."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    repo, at, revision = handle[len(HUB_SCHEME):].partition("@")
-    parts = repo.split("/")
-    problem = len(parts) != 2 or not all(parts) or (at and not _REVISION.fullmatch(revision))
-    if not problem:
-        try:
-            validate_repo_id(repo)
-        except HFValidationError:
-            problem = True
-    if problem:
-        raise ValueError(f"A Hugging Face handle is 'hf://<owner>/<repo>' or 'hf://<owner>/<repo>@<revision>' "
-                         f"(letters, digits, '-', '_', '.'; a revision is a branch, tag or commit, with '/' "
-                         f"between parts, never '.' or '..' parts). Received: weights={handle!r}")
-    return repo, revision or None
+    kaggle: str = None
 
 
 def weights_format(path):
@@ -74,8 +59,10 @@ def weights_format(path):
         return "npz"
     if path.endswith(keras_h5.SUFFIX):
         return "keras"
-    if path.endswith(safetensors_io.SUFFIX):
-        with safetensors_io.Reader(path) as reader:
+    if path.endswith(keras_archive.SUFFIX):
+        return "keras_archive"
+    if path.endswith(state_dict.SUFFIXES):
+        with state_dict.open_reader(path) as reader:
             keys = set(reader.keys())
         if timm.is_timm(keys):
             return "timm"
@@ -132,10 +119,16 @@ def resolve_source(weights, model_name=None):
             raise ValueError(f"`weights` is a checkpoint of {preset.model}, not of {model_name}. "
                              f"Received: weights={preset!r}")
         architecture = preset.architecture.spec if preset.model in presets.MODEL_NAMES else None
-        return Source(weights, preset=preset, format="npz", classes=preset.classes, resolution=preset.resolution,
-                      architecture=architecture)
+        kaggle = None if preset.bucket_path else presets.kaggle_handle(preset)  # e.g. the experts: Kaggle only
+        return Source(weights, preset=preset, format=tfhub.FORMAT if kaggle else "npz", classes=preset.classes,
+                      resolution=preset.resolution, architecture=architecture, kaggle=kaggle)
     if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
         return Source(weights, hub=parse_hub_handle(weights))
+    if tfhub.kaggle_handle(weights) is not None:
+        return Source(weights, kaggle=tfhub.kaggle_handle(weights))
+    if tfhub.is_saved_model(weights):  # a TF Hub / Kaggle SavedModel folder
+        path = os.fsdecode(os.fspath(weights))
+        return Source(weights, path=path, format=tfhub.FORMAT, classes=tfhub.head_classes(path))
     known = ", ".join(repr(n) for n in (None, *presets.weights_names(model_name))) if model_name else "None"
     if not isinstance(weights, (str, bytes)) and not hasattr(weights, "__fspath__"):
         raise ValueError(f"`weights` must be one of {known}, an 'hf://<owner>/<repo>' handle, or {FILE_HELP}. "
@@ -143,34 +136,6 @@ def resolve_source(weights, model_name=None):
     path = check_file(weights, known)
     fmt = weights_format(path)
     return Source(weights, path=path, format=fmt, classes=head_classes(path, fmt))
-
-
-def _hub_download(repo, revision, filename):
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    try:
-        path = huggingface_hub.hf_hub_download(repo, filename, revision=revision)
-    except errors.LocalEntryNotFoundError as e:  # first: since huggingface_hub 1.0 it is an EntryNotFoundError too
-        raise download.DownloadError(
-            f"Could not get {filename} of hf://{repo} ({e}). Without network access, fill the Hugging Face "
-            "cache on a connected machine (`hf download ...`) and copy it ($HF_HOME); "
-            "HF_HUB_OFFLINE=1 then reads it from there.") from e
-    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
-        raise ValueError(f"hf://{repo}: no such Hugging Face repository or revision ({type(e).__name__}).") from e
-    except errors.EntryNotFoundError as e:
-        raise ValueError(f"hf://{repo} has no {filename} (keras_bit reads safetensors; a conversion may exist "
-                         f"under another revision, 'hf://{repo}@<revision>').") from e
-    except OSError as e:
-        raise download.DownloadError(f"Could not get {filename} of hf://{repo}: {e}") from e
-    # <cache>/models--owner--name/snapshots/<commit>/<file>, a link to ../../blobs/<digest>. A cache copied from
-    # elsewhere could link anywhere: only the repository's own folder is read.
-    folder = os.path.realpath(os.path.dirname(os.path.dirname(os.path.dirname(path))))
-    real = os.path.realpath(path)
-    if os.path.commonpath([folder, real]) != folder:
-        raise ValueError(f"hf://{repo}: the cached {filename} at {path} leads outside the repository's cache folder "
-                         f"{folder} (to {real}); delete it to download it again.")
-    return path
 
 
 def check_checkpoint_architecture(source, architecture):
@@ -208,25 +173,36 @@ def model_architecture(model):
 
 def _fetch_hub(source, architecture=None):
     repo, revision = source.hub
-    config_path = _hub_download(repo, revision, "config.json")
     name = f"hf://{repo}"
-    config = hub_config.read(config_path, name)
-    fmt = "timm" if "architecture" in config else "transformers"
-    reader = FORMATS[fmt]
-    source = dataclasses.replace(source, format=fmt, classes=reader.classes(config, name),
-                                 resolution=reader.resolution(config, name),
-                                 architecture=reader.architecture(config, name))
+    config = hub_config.read(hub_files.download_file(repo, revision, "config.json"), name)
+    kind = hub_files.config_kind(config)
+    if kind == "keras":  # keras_bit's config states the architecture; Keras' own states layers (the load checks)
+        stated, resolution = hub_config.keras_bit_model(config, name)
+        source = dataclasses.replace(source, resolution=resolution, architecture=stated)
+    else:
+        reader = FORMATS[kind]
+        source = dataclasses.replace(source, classes=reader.classes(config, name),
+                                     resolution=reader.resolution(config, name),
+                                     architecture=reader.architecture(config, name))
     if architecture is not None:
         check_checkpoint_architecture(source, architecture)  # before the weights are downloaded
-    path = _hub_download(repo, revision, "model.safetensors")
+    filename, path = hub_files.weights_file(repo, revision)
     with _delete_hint(path, cached=True):
-        found = weights_format(path)
-        if found != fmt:
-            raise ValueError(f"hf://{repo}: config.json describes a {fmt} model but model.safetensors holds "
-                             f"{found} keys.")
+        fmt = _hub_format(name, filename, path, kind)
         # The head size from the tensors: a transformers config always has labels, even for a BitModel file.
         classes = head_classes(path, fmt)
-    return dataclasses.replace(source, path=path, classes=classes)
+    return dataclasses.replace(source, path=path, format=fmt, classes=classes)
+
+
+def _hub_format(name, filename, path, kind):
+    """The `FORMATS` key of a Hub weights file, checked against the config's `kind`."""
+    try:
+        found = weights_format(path)
+    except BackendError as e:  # torch is installed but does not import
+        raise BackendError(f"{hub_files.needs_torch(name, filename)} ({e})") from e
+    if kind != "keras" and found in ("timm", "transformers") and found != kind:
+        raise ValueError(f"{name}: config.json describes a {kind} model but {filename} holds {found} keys.")
+    return found
 
 
 def fetch(source, cache_dir=None, architecture=None):
@@ -245,6 +221,10 @@ def fetch(source, cache_dir=None, architecture=None):
     """
     if source.hub is not None:
         return _fetch_hub(source, architecture)
+    if source.kaggle is not None and source.path is None:  # no config states the architecture: the load checks
+        path = tfhub.fetch(source.kaggle)
+        with _delete_hint(path, cached=True):
+            return dataclasses.replace(source, path=path, format=tfhub.FORMAT, classes=tfhub.head_classes(path))
     if architecture is not None:
         check_checkpoint_architecture(source, architecture)  # before any download
     if source.preset is not None and source.path is None:
@@ -273,7 +253,7 @@ def _delete_hint(path, cached):
 
 def load_source(model, source, load_head=True):
     """Loads a fetched `Source` into `model` (a corrupt cached download names the file to delete)."""
-    with _delete_hint(source.path, cached=source.preset is not None or source.hub is not None):
+    with _delete_hint(source.path, cached=source.preset is not None or source.hub is not None or source.kaggle):
         FORMATS[source.format or weights_format(source.path)].load(model, source.path, load_head)
 
 
@@ -284,15 +264,19 @@ def load_weights(model, weights, load_head=True, fmt=None):
         model: a model built by keras_bit (any `include_top`, any output stride).
         weights: a local `.npz` (official layout), `.weights.h5` (Keras) or
             `.safetensors` (timm or transformers layout) file, or an
-            `hf://<owner>/<repo>[@revision]` handle.
+            `hf://<owner>/<repo>[@revision]` handle (the repository's first of
+            `hub_files.WEIGHTS`: model.safetensors, pytorch_model.bin (needs
+            PyTorch), model.weights.h5, model.keras).
         load_head: whether to load the head (the file's class count must then
             match); otherwise head tensors are skipped.
-        fmt: the format, when the file name does not tell it.
+        fmt: the format (a key of `FORMATS`), when the file name does not
+            tell it; e.g. "transformers" for a local pytorch_model.bin.
 
     Raises:
         ValueError: unreadable file, or any missing, unexpected, mis-shaped,
             non-float or non-finite tensor (named with the file). Nothing is
             assigned in that case.
+        keras_bit.BackendError: a pytorch_model.bin, without PyTorch.
 
     Example:
         >>> model = keras_bit.BiTM_R50x1(weights=None, classes=21843)
@@ -302,6 +286,8 @@ def load_weights(model, weights, load_head=True, fmt=None):
         raise ValueError(f"`fmt` must be None or one of {sorted(FORMATS)}. Received: fmt={fmt!r}")
     if isinstance(weights, str) and weights.startswith(HUB_SCHEME):
         source = _fetch_hub(resolve_source(weights), model_architecture(model))
+    elif tfhub.kaggle_handle(weights) is not None or tfhub.is_saved_model(weights):
+        source = fetch(resolve_source(weights))
     elif isinstance(weights, (str, bytes)) or hasattr(weights, "__fspath__"):
         path = os.fsdecode(os.fspath(weights))
         if fmt is None or not os.path.isfile(path):

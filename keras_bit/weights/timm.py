@@ -10,7 +10,7 @@ eps 1e-8; the weights are the same, and keras_bit keeps the authors' 1e-10.
 import re
 
 from keras_bit import presets
-from keras_bit.weights import core, hub_config, safetensors_io
+from keras_bit.weights import core, hub_config, state_dict
 
 STEM, HEAD = "stem.conv", "head.fc"
 _ARCH = re.compile(r"resnetv2_(?P<depth>50|101|152)x(?P<width>[1-4])_bit")
@@ -63,9 +63,9 @@ def resolution(config, source):
 
 
 def head_classes(path):
-    return safetensors_io.head_classes(path, HEAD)
+    return state_dict.head_classes(path, HEAD)
 
 
 def load(model, path, load_head=True):
-    """Strictly loads a timm BiT `.safetensors` file (head tensors skipped unless `load_head`)."""
-    safetensors_io.load(model, path, key_map, HEAD, load_head)
+    """Strictly loads a timm BiT `.safetensors` or `.bin` state dict (head tensors skipped unless `load_head`)."""
+    state_dict.load(model, path, key_map, HEAD, load_head)
