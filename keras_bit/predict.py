@@ -2,9 +2,12 @@
 
 Each file is read and decoded on its own (bounded: the size is read from the
 header first), so one bad file is reported by name and never stops the others.
-Images of the same size are classified together in batches.
+Images of the same size are classified together in batches. A feature export
+(`export_model(..., outputs="features")`) or a model without a head gives each
+image's pooled feature vector instead (`save_features` writes them as `.npy`).
 """
 
+import io
 import os
 
 import numpy as np
@@ -47,23 +50,32 @@ def load_model(spec):
         raise ValueError(f"Cannot load model file {spec}: {message}") from e
 
 
-def load_classifier(spec, activation="auto"):
-    """`(classify, class_names)`: `classify(uint8 [n, h, w, 3]) -> {"probabilities", ...}` for `spec`.
+def load_predictor(spec, activation="auto", outputs=None):
+    """`(run, class_names, kind)`: `run(uint8 [n, h, w, 3])` -> {"probabilities", ...} or {"features"} for `spec`.
 
     `spec` is an export (SavedModel folder, `.tflite`, `.onnx`, `.xml`), a
     `.keras` file (class names from a `class_names.txt` beside it) or a BiT
-    model name such as "BiT-M-R50x1". `activation`: see
+    model name such as "BiT-M-R50x1". `kind` is "probabilities" or
+    "features": an export's own kind; for a model, "features" when it has no
+    head (include_top=False) or when `outputs="features"` asks for a
+    classifier's pooled pre-logits. `outputs` None: whatever `spec` returns;
+    an export of the other kind is refused (ValueError). `activation`: see
     `keras_bit.export.serving.needs_softmax` (not for exports: theirs is fixed).
     """
     from keras_bit.export import labels, runtimes, serving
     from keras_bit.train.run_dir import RunDir
 
+    if outputs is not None:
+        serving.check_outputs(outputs)
     if runtimes.export_format(spec):
         if activation != "auto":
             raise ValueError(f"activation={activation!r} (--activation) is for a .keras model or a BiT name: the "
                              f"export {spec} applies the activation it was exported with")
         exported = runtimes.load_exported(spec)
-        return exported, exported.class_names
+        if outputs is not None and outputs != exported.kind:
+            raise ValueError(f"{spec} is a {exported.kind} export, not a {outputs} one; export the model with "
+                             f"outputs={outputs!r} ({'--features' if outputs == 'features' else 'without --features'})")
+        return exported, exported.class_names, exported.kind
     if os.path.isdir(spec):
         raise ValueError(f"--model {spec} is a folder but not a SavedModel (no saved_model.pb in it)")
     looks_like_path = os.sep in spec or spec.lower().endswith((".keras", *runtimes.EXTENSIONS.values()))
@@ -71,13 +83,16 @@ def load_classifier(spec, activation="auto"):
         raise FileNotFoundError(f"Model not found: {spec} (expected a SavedModel folder, a .keras, .tflite, "
                                 ".onnx or .xml file, or a BiT model name)")
     model = load_model(spec)
-    served = serving.serving_model(model, activation=activation)
+    kind = outputs or ("features" if serving.is_feature_model(model) else "probabilities")
+    served = serving.serving_model(model, activation=activation, outputs=kind)
     beside = RunDir(os.path.dirname(os.path.abspath(spec))).class_names_txt
-    if spec.endswith(".keras") and os.path.isfile(beside):  # a fine-tuning run's output folder
+    if kind == "features":
+        names = None
+    elif spec.endswith(".keras") and os.path.isfile(beside):  # a fine-tuning run's output folder
         names = labels.read_labels(beside)
     else:
         names = labels.imagenet_class_names(int(model.output_shape[-1]))
-    return (lambda images: {k: np.asarray(v) for k, v in served(images).items()}), names
+    return (lambda images: {k: np.asarray(v) for k, v in served(images).items()}), names, kind
 
 
 def expand_paths(paths):
@@ -163,8 +178,8 @@ def _top(row, top, names):
             for i in best]
 
 
-def predict_files(paths, model, top=5, max_pixels=None, activation="auto"):
-    """Top-`top` classes of each image file; a file that cannot be read gets an `error` instead.
+def predict_files(paths, model, top=5, max_pixels=None, activation="auto", outputs=None):
+    """Top-`top` classes (or the feature vector) of each image file; a file that cannot be read gets an `error`.
 
     Args:
         paths: image files (JPEG/PNG/GIF/BMP/WebP) or folders of them.
@@ -176,10 +191,14 @@ def predict_files(paths, model, top=5, max_pixels=None, activation="auto"):
             `keras_bit.export.DEFAULT_MAX_PIXELS`).
         activation: for a `.keras` model or a name: "auto", "softmax"
             (logits) or "none" (see `keras_bit.export.serving.needs_softmax`).
+        outputs: None (what `model` returns: classes, or features for a
+            feature export / a model without a head), "probabilities" or
+            "features" (see `load_predictor`).
 
     Returns:
         A list, in input order, of `{"image": path, "top": [{"index", "score",
-        "label"}, ...]}` or `{"image": path, "error": message}`.
+        "label"}, ...]}`, `{"image": path, "features": float32 vector}` or
+        `{"image": path, "error": message}`.
     """
     from keras_bit.backend import tensorflow
     from keras_bit.io import DEFAULT_MAX_PIXELS
@@ -188,21 +207,25 @@ def predict_files(paths, model, top=5, max_pixels=None, activation="auto"):
     tensorflow("Prediction from image files")
     top = check_positive_int(top, "top")
     max_pixels = check_positive_int(DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, "max_pixels")
-    classify, names = load_classifier(model, activation)
+    predict, names, kind = load_predictor(model, activation, outputs)
     files = expand_paths(paths)
     results = [{"image": path} for path in files]
     pending, held = {}, 0
 
     def run(items):
         try:
-            probabilities = classify(np.stack([image for _, image in items]))["probabilities"]
+            scores = predict(np.stack([image for _, image in items]))[kind]
         except Exception as e:  # noqa: BLE001 - a runtime's failure on this batch: its files are reported
             for i, _ in items:
                 results[i]["error"] = f"the model failed on this image ({str(e).strip()[:200] or type(e).__name__})"
             return
-        if names is not None and len(names) != probabilities.shape[-1]:
-            raise ValueError(f"The model's class names list {len(names)} names for {probabilities.shape[-1]} classes")
-        for (i, _), row in zip(items, probabilities):
+        if kind == "features":
+            for (i, _), row in zip(items, scores):
+                results[i]["features"] = np.asarray(row, np.float32)
+            return
+        if names is not None and len(names) != scores.shape[-1]:
+            raise ValueError(f"The model's class names list {len(names)} names for {scores.shape[-1]} classes")
+        for (i, _), row in zip(items, scores):
             results[i]["top"] = _top(row, top, names)
 
     for i, path in enumerate(files):
@@ -223,3 +246,64 @@ def predict_files(paths, model, top=5, max_pixels=None, activation="auto"):
     for items in pending.values():
         run(items)
     return results
+
+
+def check_features_path(path):
+    """`path` when `save_features` may write it: a new `.npy` file in an existing folder, else ValueError."""
+    text = os.fspath(path)
+    if not text.lower().endswith(".npy"):
+        raise ValueError(f"--save-features must name a .npy file. Received: {text!r}")
+    if os.path.lexists(text):
+        raise ValueError(f"--save-features {text} already exists; existing files are never replaced (choose a new "
+                         "name or remove it)")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--save-features {text}: folder {folder} does not exist")
+    return text
+
+
+def save_features(path, results):
+    """Writes the feature vectors of `results` (see `predict_files`) to `path` as one float32 `.npy` array.
+
+    Row k is the k-th image with features, in `results`' order (images that
+    failed have no row). Written atomically (`keras_bit.io`): a complete file
+    or none. Returns the array; ValueError when no image has features.
+    """
+    from keras_bit import io as kb_io
+
+    rows = [item["features"] for item in results if "features" in item]
+    if not rows:
+        raise ValueError(f"--save-features {os.fspath(path)}: no image gave features, nothing was written")
+    array = np.stack(rows).astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    kb_io.write_bytes(check_features_path(path), buffer.getvalue())
+    return array
+
+
+def feature_report(results, save_path=None, as_json=False):
+    """What `keras-bit predict` prints for feature vectors (after `save_features(save_path)` when given).
+
+    One line per image (its row, dim and L2 norm), then the array's shape and
+    where it was saved; `as_json`: a JSON list with each vector.
+    """
+    import json
+
+    rows = [item for item in results if "features" in item]
+    if save_path and rows:
+        save_features(save_path, rows)
+    if as_json:
+        return json.dumps([{"image": item["image"], "dim": int(item["features"].size),
+                            "norm": float(np.linalg.norm(item["features"])),
+                            "features": item["features"].tolist()} if "features" in item else item
+                           for item in results], indent=2)
+    lines = [f"{item['image']}  row {row}  dim {item['features'].size}  norm {np.linalg.norm(item['features']):.4f}"
+             for row, item in enumerate(rows)]
+    shape = f"[{len(rows)}, {rows[0]['features'].size if rows else 0}]"
+    if save_path and rows:
+        lines.append(f"features: {shape} float32 saved to {save_path}")
+    elif save_path:
+        lines.append(f"features: none (no image could be read); {save_path} not written")
+    else:
+        lines.append(f"features: {shape} float32 (not saved; pass --save-features FILE.npy)")
+    return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Each format holds the same function, `serving.serving_model`: uint8 pixels
 `[batch, height, width, 3]` of any size in, `probabilities` (then
-`top_k_indices`, `top_k_scores`) out, preprocessing inside. LiteRT, ONNX and
+`top_k_indices`, `top_k_scores`) out, preprocessing inside; or, with
+`outputs="features"`, `features`: the pooled pre-logits embedding. LiteRT, ONNX and
 OpenVINO are written by Keras itself (`keras.Model.export`); the SavedModel
 adds an encoded-bytes signature for TF Serving (see `saved_model`).
 
@@ -37,7 +38,8 @@ QUANTIZATION_FORMATS = {"float16": ("litert",), "int8": ("litert",), "bfloat16":
 _WRITERS = {"onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
 
 
-def _check_arguments(path, format, quantization, representative_data):
+def _check_arguments(path, format, quantization, representative_data, outputs):
+    serving.check_outputs(outputs)
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}. Received: format={format!r}")
     if quantization not in QUANTIZATIONS:
@@ -81,12 +83,14 @@ def _litert_options(quantization, representative_data):
 
 def export_model(model, path, format="tf_saved_model", *, class_names=None, quantization=None,
                  representative_data=None, top_k=5, image_size=None, activation="auto", overwrite=False,
-                 max_pixels=saved_model.DEFAULT_MAX_PIXELS, jpeg_dct_scaling=False):
-    """Exports a keras_bit classifier for deployment; every format takes uint8 pixels and returns probabilities.
+                 max_pixels=saved_model.DEFAULT_MAX_PIXELS, jpeg_dct_scaling=False, outputs="probabilities"):
+    """Exports a keras_bit model for deployment: uint8 pixels in, probabilities (or pooled features) out.
 
     Args:
         model: a keras_bit classifier (any head: logits get a softmax, a
-            softmax / sigmoid head keeps its own activation).
+            softmax / sigmoid head keeps its own activation); with
+            `outputs="features"` also an include_top=False model (pooled, or
+            average-pooled by the export).
         path: the artifact: a folder for "tf_saved_model", a `.tflite`,
             `.onnx` or `.xml` (+ `.bin`) file for the others.
         format: "tf_saved_model" (TF Serving: pixel and encoded-bytes
@@ -109,6 +113,11 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
         max_pixels: SavedModel bytes signature: largest image decoded.
         jpeg_dct_scaling: SavedModel bytes signature: decode large JPEGs at
             reduced scale (see `saved_model.export_saved_model`).
+        outputs: "probabilities" (classes and top-k), or "features": the
+            export returns only `features`, the pooled pre-logits embedding
+            float32 `[batch, channels]` (a classifier's head input; TF Hub's
+            BiT feature vectors) for retrieval, clustering, kNN or linear
+            probes. No class names (`class_names` refused), no labels file.
 
     Returns:
         `path`, absolute.
@@ -124,17 +133,15 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
     Example:
         >>> export_model(model, "bit.onnx", format="onnx", class_names=names)
         >>> runner = keras_bit.export.load_exported("bit.onnx")
+        >>> export_model(model, "bit_features.onnx", format="onnx", outputs="features")
     """
-    _check_arguments(path, format, quantization, representative_data)
+    _check_arguments(path, format, quantization, representative_data, outputs)
     # LiteRT, ONNX and OpenVINO get float32 whatever the model's dtype policy: a mixed_bfloat16 network would
     # reach them as bfloat16 convolutions that ONNX Runtime and OpenVINO refuse and LiteRT runs only with
     # TensorFlow's own kernels (Select TF ops). The SavedModel keeps the model's policy (or "bfloat16").
     dtype = quantization if format == "tf_saved_model" else "float32"
-    served = serving.serving_model(model, image_size, top_k, activation, dtype=dtype)
-    classes = int(model.output_shape[-1])
-    class_names = labels.check_class_names(class_names, classes)
-    if class_names is None:
-        class_names = labels.imagenet_class_names(classes)
+    served = serving.serving_model(model, image_size, top_k, activation, dtype=dtype, outputs=outputs)
+    class_names = labels.class_names_for(model, class_names, outputs)
     targets = [path] if format == "tf_saved_model" else [path, labels.labels_path(path, format)]
     targets += [os.path.splitext(path)[0] + ".bin"] if format == "openvino" else []
     existing = [os.fspath(t) for t in targets if os.path.lexists(t)]
@@ -152,6 +159,7 @@ def export_model(model, path, format="tf_saved_model", *, class_names=None, quan
                   else runtimes.sample_images(height, width))
         runtimes.check_runs(tmp, format, images, shown=os.path.abspath(path),
                             what=f"{quantization} {format}" if quantization else format,
+                            expected=serving.OUTPUT_NAMES[outputs],
                             advice=" Export with quantization='float16' (or none) instead; benchmarks/RESULTS.md "
                                    "records where this happens." if quantization == "int8" else "")
         labels.write_labels(tmp, format, class_names)

@@ -24,6 +24,19 @@ def check_class_names(class_names, classes):
     return None if class_names is None else validation.check_class_names(class_names, classes, "`class_names`")
 
 
+def class_names_for(model, class_names, outputs="probabilities"):
+    """The class names an export of `model` holds: `class_names` checked, else ImageNet's names for a
+    1000 / 21843-class head (when available), else None; always None for a feature export."""
+    if outputs == "features":
+        if class_names is not None:
+            raise ValueError("`class_names` is for outputs='probabilities': a feature export has no classes. "
+                             "Received: class_names with outputs='features'")
+        return None
+    classes = int(model.output_shape[-1])
+    class_names = check_class_names(class_names, classes)
+    return imagenet_class_names(classes) if class_names is None else class_names
+
+
 def imagenet_class_names(classes, cache_dir=None):
     """Human-readable ImageNet names for 1000 or 21843 classes (label files cached, or downloaded), else None."""
     try:

@@ -2,7 +2,8 @@
 
 `load_exported(path)` returns an `Exported` callable: uint8 images
 `[batch, height, width, 3]` -> `{"probabilities", "top_k_indices",
-"top_k_scores"}` as NumPy arrays, whatever the format. It is how the tests and
+"top_k_scores"}` (a feature export: `{"features"}`) as NumPy arrays, whatever
+the format. It is how the tests and
 `benchmarks/` measure that every format computes what the Keras model does,
 and how `keras-bit predict` runs exports.
 
@@ -24,7 +25,6 @@ from keras_bit.backend import require
 from keras_bit.console import native_stderr_silenced
 from keras_bit.export import runners
 from keras_bit.export.labels import labels_path, read_labels
-from keras_bit.export.runners import OUTPUTS
 from keras_bit.io import check_regular_file
 
 logger = logging.getLogger("keras_bit")
@@ -55,16 +55,26 @@ def check_images(images):
 
 
 class Exported:
-    """An exported model: `exported(images)` -> dict of NumPy outputs; `class_names` when known."""
+    """An exported model: `exported(images)` -> dict of NumPy outputs; `class_names` when known.
+
+    `outputs` names what it returns: `runners.OUTPUTS` (a classifier) or
+    `runners.FEATURE_OUTPUTS` (a feature export); `kind` is "probabilities" or
+    "features" accordingly.
+    """
 
     def __init__(self, path, fmt, run, class_names=None):
         self.path, self.format, self._run, self.class_names = os.fspath(path), fmt, run, class_names
+        self.outputs = run.names if isinstance(run, runners.Runner) else runners.OUTPUTS
+
+    @property
+    def kind(self):
+        return "features" if self.outputs == runners.FEATURE_OUTPUTS else "probabilities"
 
     def __call__(self, images):
         images = check_images(images)
         with native_stderr_silenced():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on first use
             outputs = self._run(images)
-        return {name: np.asarray(outputs[name]) for name in OUTPUTS}
+        return {name: np.asarray(outputs[name]) for name in self.outputs}
 
     def __repr__(self):
         return f"Exported({self.path!r}, format={self.format!r})"
@@ -82,6 +92,8 @@ def load_exported(path):
         >>> exported = load_exported("bit.tflite")
         >>> exported(np.zeros((1, 224, 224, 3), np.uint8))["probabilities"].shape
         (1, 1000)
+        >>> load_exported("bit_features.onnx")(images)["features"].shape  # outputs="features"
+        (1, 2048)
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -100,7 +112,8 @@ def load_exported(path):
     except Exception as e:  # each runtime has its own error types for a corrupt file
         raise ValueError(f"Cannot load {path} as a {fmt} export: {runners.first_line(e)}") from e
     labels = labels_path(path, fmt)
-    return Exported(path, fmt, run, read_labels(labels) if os.path.lexists(labels) else None)
+    classifier = run.names == runners.OUTPUTS  # a feature export has no classes (a stray labels file is not read)
+    return Exported(path, fmt, run, read_labels(labels) if classifier and os.path.lexists(labels) else None)
 
 
 def _files(path, fmt):
@@ -135,12 +148,13 @@ def _installed(module):
         return False
 
 
-def _run_in_child(fmt, path, images):
+def _run_in_child(fmt, path, images, expected=None):
     """None when the child runs the export, else why not (the runtime's error line, or the signal)."""
     buffer = io.BytesIO()
     np.save(buffer, images)
+    command = child_command(fmt, path) + ([",".join(expected)] if expected else [])
     try:
-        proc = subprocess.run(child_command(fmt, path), input=buffer.getvalue(), capture_output=True, check=False,
+        proc = subprocess.run(command, input=buffer.getvalue(), capture_output=True, check=False,
                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=TEST_RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         return f"no result after {TEST_RUN_TIMEOUT} s"
@@ -161,7 +175,7 @@ def _run_in_child(fmt, path, images):
     return how + (f": {lines[-1].strip()[:200]}" if lines else "")
 
 
-def check_runs(path, fmt, images, shown=None, what=None, advice=""):
+def check_runs(path, fmt, images, shown=None, what=None, advice="", expected=None):
     """Runs the new `fmt` export at `path` once on `images`; ExportError naming the runtime's error if it cannot.
 
     A SavedModel is loaded in this process (TensorFlow wrote it and is loaded
@@ -177,6 +191,8 @@ def check_runs(path, fmt, images, shown=None, what=None, advice=""):
         shown: the path the messages name (where the export was going).
         what: the export's name in messages (default `fmt`, e.g. "int8 litert").
         advice: appended to the ExportError's message.
+        expected: the outputs it must return (`runners.OUTPUTS` or
+            `runners.FEATURE_OUTPUTS`; None: either).
     """
     shown, what = shown or path, what or fmt
     module = runners.RUNTIME_MODULES[fmt]
@@ -186,12 +202,12 @@ def check_runs(path, fmt, images, shown=None, what=None, advice=""):
         return
     if fmt == "tf_saved_model":
         try:
-            runners.run_once(fmt, os.fspath(path), images)
+            runners.run_once(fmt, os.fspath(path), images, expected)
             return
         except Exception as e:  # noqa: BLE001 - whatever TensorFlow raises, the export is refused with it
             reason = runners.first_line(e)
     else:
-        reason = _run_in_child(fmt, path, images)
+        reason = _run_in_child(fmt, path, images, expected)
         if reason is None:
             return
     raise ExportError(f"The {what} export {os.fspath(shown)} fails in {runners.RUNTIME_NAMES[fmt]} on a test image "

@@ -8,7 +8,9 @@ signatures that take raw pixels, so that clients never normalise anything:
 
 Both compute `serving.serving_model` (resize, [-1, 1], network, head
 activation) and return `probabilities`, `top_k_indices`, `top_k_scores` and,
-when class names are known, `top_k_labels`.
+when class names are known, `top_k_labels`; a feature export
+(`outputs="features"`) returns `features` only: the pooled pre-logits
+embedding, float32 `[batch, channels]`.
 
 The archive is written with `tf.saved_model.save` from a `tf.Module` that holds
 the model's `tf.Variable`s themselves: `keras.export.ExportArchive` stores every
@@ -61,12 +63,13 @@ def decode_batch(image_bytes, size, max_pixels=DEFAULT_MAX_PIXELS, jpeg_dct_scal
 
 def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, version=None, class_names=None,
                        top_k=5, image_size=None, fold=True, max_pixels=DEFAULT_MAX_PIXELS, activation="auto",
-                       jpeg_dct_scaling=False, quantization=None):
+                       jpeg_dct_scaling=False, quantization=None, outputs="probabilities"):
     """Exports `model` as a TF-Serving SavedModel with raw-pixel and encoded-bytes signatures.
 
     Args:
         model: a keras_bit classifier (any head: logits get a softmax, a
-            softmax / sigmoid head keeps its own activation).
+            softmax / sigmoid head keeps its own activation); with
+            `outputs="features"` also an include_top=False model.
         export_dir: root folder; the model goes to `<export_dir>/<name>/<version>/`.
         name: folder name, a plain name without path separators (default
             `model.name`).
@@ -88,6 +91,9 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
         quantization: None (float32), or "bfloat16": weights stored and run
             in bfloat16 (half the size; faster on CPUs with bfloat16 units;
             probabilities within ~1e-2, see benchmarks/RESULTS.md).
+        outputs: "probabilities" (classes, top-k, labels) or "features": the
+            pooled pre-logits embedding (`serving.feature_network`), for
+            retrieval, clustering or few-shot probes; no class names.
 
     Returns:
         The path of the written version folder (class names, when known, also
@@ -109,11 +115,8 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
     if quantization not in SAVED_MODEL_QUANTIZATIONS:
         raise ValueError(f"`quantization` must be one of {SAVED_MODEL_QUANTIZATIONS} for a SavedModel. "
                          f"Received: quantization={quantization!r}")
-    served = serving.serving_model(model, image_size, top_k, activation, fold, dtype=quantization)
-    classes = int(model.output_shape[-1])
-    class_names = labels.check_class_names(class_names, classes)
-    if class_names is None:
-        class_names = labels.imagenet_class_names(classes)
+    served = serving.serving_model(model, image_size, top_k, activation, fold, dtype=quantization, outputs=outputs)
+    class_names = labels.class_names_for(model, class_names, outputs)
     base = os.path.join(os.fspath(export_dir), name)
     path = os.path.join(base, str(artifact.next_version(base) if version is None else version))
     if os.path.exists(path):
@@ -122,7 +125,7 @@ def export_saved_model(model, export_dir=DEFAULT_EXPORT_DIR, *, name=None, versi
     def write(tmp):
         save(served, tmp, class_names, max_pixels, jpeg_dct_scaling)
         runtimes.check_runs(tmp, "tf_saved_model", runtimes.sample_images(*serving.input_size(model, image_size)),
-                            shown=path)
+                            shown=path, expected=serving.OUTPUT_NAMES[outputs])
         labels.write_labels(tmp, "tf_saved_model", class_names)
 
     artifact.write_atomically(path, write)
@@ -148,12 +151,11 @@ def save(served, path, class_names=None, max_pixels=DEFAULT_MAX_PIXELS, jpeg_dct
     classify = served.get_layer("classify")
     size = tuple(served.get_layer("resize").get_config()[k] for k in ("height", "width"))
     label_table = tf.constant(class_names) if class_names is not None else None
-    classes, k = (int(served.output[name].shape[-1]) for name in ("probabilities", "top_k_indices"))
+    shapes = {name: (tuple(tensor.shape[1:]), tensor.dtype) for name, tensor in served.output.items()}
 
     def outputs(call, pixels):
         # An empty batch skips the network: TF's oneDNN convolutions mis-shape empty inputs.
-        empty = {"probabilities": tf.zeros([0, classes]), "top_k_indices": tf.zeros([0, k], tf.int32),
-                 "top_k_scores": tf.zeros([0, k])}
+        empty = {name: tf.zeros([0, *shape], dtype) for name, (shape, dtype) in shapes.items()}
         result = tf.cond(tf.shape(pixels)[0] > 0, lambda: call(pixels, training=False), lambda: empty)
         if label_table is not None:
             result["top_k_labels"] = tf.gather(label_table, result["top_k_indices"])
