@@ -45,6 +45,8 @@ _EXPORTS = {
     "preprocess_input": "keras_bit.preprocessing",
     "decode_predictions": "keras_bit.imagenet",
     "BackendError": "keras_bit.backend",
+    "save_pretrained": "keras_bit.publish",
+    "push_to_hub": "keras_bit.publish",
 }
 # TensorFlow only: on another backend, using them raises BackendError, and they are left out of __all__ / dir().
 _TENSORFLOW_EXPORTS = {

@@ -1,4 +1,4 @@
-"""The `keras-bit` command: `finetune`, `report`, `export`, `predict`, `demo` and `convert`.
+"""The `keras-bit` command: `finetune`, `report`, `export`, `predict`, `demo`, `convert` and `push`.
 
 Examples:
     keras-bit finetune --data cifar10 --weights imagenet21k --batch-size 128
@@ -8,6 +8,7 @@ Examples:
     keras-bit predict cat.jpg photos/ --model saved_models/bit_m_r50x1/1 --top 3
     keras-bit demo                                   # build BiT-S-R50x1, classify a generated image
     keras-bit convert BiT-M-R50x1.npz bit.weights.h5 --model BiT-M-R50x1
+    keras-bit push bit_finetune me/flowers-bit --format timm   # publish on the Hugging Face Hub
 """
 
 import argparse
@@ -128,6 +129,9 @@ def build_parser():
 
     _add_finetune_parser(sub)
     _add_other_parsers(sub)
+    from keras_bit.publish.command import add_parser as add_push_parser
+
+    add_push_parser(sub)
     return parser
 
 
@@ -155,7 +159,7 @@ def _add_other_parsers(sub):
     p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/summary.png)")
 
     p = sub.add_parser("export", help="export a .keras model for serving: TF SavedModel (default), LiteRT, ONNX "
-                                      "or OpenVINO; uint8 pixels in, probabilities out")
+                                      "or OpenVINO; uint8 pixels in, probabilities (or --features) out")
     p.add_argument("model", help="a .keras file (e.g. a fine-tuning run's model.keras) or a BiT model name")
     p.add_argument("--format", default="tf_saved_model", choices=("tf_saved_model", "litert", "onnx", "openvino"),
                    help="artifact format")
@@ -168,8 +172,12 @@ def _add_other_parsers(sub):
     p.add_argument("--version", type=_positive_int, default=None,
                    help="TF Serving version folder (default: the next free one)")
     p.add_argument("--class-names", default=None, help="text file, one class name per line")
-    p.add_argument("--top", type=_positive_int, default=5, help="top-k classes the export returns")
+    p.add_argument("--top", type=_positive_int, default=None, help="top-k classes the export returns (default: 5)")
     p.add_argument("--activation", default="auto", choices=("auto", "softmax", "none"), help=_ACTIVATION_HELP)
+    p.add_argument("--features", action="store_true",
+                   help="export the pooled pre-logits embedding (output `features`, float32 [batch, channels]) "
+                        "instead of probabilities: for retrieval, clustering, kNN or linear probes; takes a "
+                        "classifier or an include_top=False model")
     p.add_argument("--quantization", default=None, choices=("float16", "int8", "bfloat16"),
                    help="litert: float16 weights, or full-integer int8 (needs --representative-data); "
                         "tf_saved_model: bfloat16 weights and compute")
@@ -194,6 +202,10 @@ def _add_other_parsers(sub):
                    help="largest image decoded, height x width; larger files are reported, not decoded "
                         f"(default: {DEFAULT_MAX_PIXELS})")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--save-features", default=None, metavar="FILE.npy",
+                   help="save the images' pooled feature vectors as one float32 [images, channels] .npy array "
+                        "(row k: the k-th image listed); a feature export (export --features) or a .keras model "
+                        "without a head gives them anyway, a .keras classifier or BiT name its pre-logits")
 
     p = sub.add_parser("convert", help="convert any BiT weights (bucket name, hf:// handle, .npz, .safetensors) "
                                        "to a Keras .weights.h5")
@@ -235,6 +247,7 @@ def _export(args):
     from keras_bit.predict import load_model
 
     _check_export_flags(args)
+    outputs = "features" if args.features else "probabilities"
     names = read_labels(args.class_names) if args.class_names else None
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
     model = load_model(args.model)
@@ -243,14 +256,14 @@ def _export(args):
         representative = _representative_images(args, input_size(model), max_pixels)
     if args.format == "tf_saved_model" and args.output is None:
         path = export_saved_model(model, args.export_dir or DEFAULT_EXPORT_DIR, name=args.name, version=args.version,
-                                  class_names=names, top_k=args.top, max_pixels=max_pixels,
+                                  class_names=names, top_k=args.top or 5, max_pixels=max_pixels,
                                   jpeg_dct_scaling=args.jpeg_dct_scaling, quantization=args.quantization,
-                                  activation=args.activation)
+                                  activation=args.activation, outputs=outputs)
     else:
         output = args.output or check_plain_name(args.name or model.name, "--name") + EXTENSIONS[args.format]
         path = export_model(model, output, args.format, class_names=names, quantization=args.quantization,
-                            representative_data=representative, top_k=args.top, overwrite=args.overwrite,
-                            activation=args.activation,
+                            representative_data=representative, top_k=args.top or 5, overwrite=args.overwrite,
+                            activation=args.activation, outputs=outputs,
                             max_pixels=max_pixels, jpeg_dct_scaling=args.jpeg_dct_scaling)
     print(path)
 
@@ -277,6 +290,11 @@ def _check_export_flags(args):
             unused.append("--name (the name is --output's)")
     elif args.overwrite:
         unused.append("--overwrite (TF Serving versions are never overwritten; a new version is written)")
+    if args.features:
+        classes_only = [f for f, v in (("--class-names", args.class_names), ("--top", args.top)) if v is not None]
+        classes_only += [f"--activation {args.activation}"] if args.activation != "auto" else []
+        if classes_only:
+            raise ValueError(f"{', '.join(classes_only)}: not used by --features (a feature export has no classes)")
     if unused:
         where = f"--format {args.format}" + ("" if serving_layout or args.output is None else " with --output")
         raise ValueError(f"{', '.join(unused)}: not used by {where}")
@@ -305,14 +323,18 @@ def _representative_images(args, size, max_pixels):
 
 
 def _predict(args):
-    from keras_bit.predict import predict_files
+    from keras_bit.predict import check_features_path, feature_report, predict_files
 
+    if args.save_features is not None:
+        check_features_path(args.save_features)  # before the model loads
     results = predict_files(args.images, args.model, top=args.top, max_pixels=args.max_pixels,
-                            activation=args.activation)
+                            activation=args.activation, outputs="features" if args.save_features else None)
     failed = [item for item in results if "error" in item]
     for item in failed:
         print(f"keras-bit predict: error: {item['image']}: {item['error']}", file=sys.stderr)
-    if args.json:
+    if any("features" in item for item in results) or args.save_features:
+        print(feature_report(results, args.save_features, args.json))
+    elif args.json:
         print(json.dumps(results, indent=2))
     else:
         for item in results:
@@ -332,6 +354,12 @@ def _convert(args):
     print(f"Wrote {args.output}")
 
 
+def _push(args):
+    from keras_bit.publish.command import run
+
+    return run(args)
+
+
 _COMMANDS = {
     "demo": lambda args: demo(args.model, args.weights, args.top, args.size),
     "finetune": _finetune,
@@ -339,6 +367,7 @@ _COMMANDS = {
     "export": _export,
     "predict": _predict,
     "convert": _convert,
+    "push": _push,
 }
 
 

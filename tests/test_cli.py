@@ -139,3 +139,21 @@ def test_demo_counts_must_be_positive(flag, capsys):
         main(["demo", flag])
     assert info.value.code == 2
     assert "keras-bit demo: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "model.keras", "--features", "--class-names", "names.txt"],
+     "--class-names: not used by --features (a feature export has no classes)"),
+    (["export", "model.keras", "--features", "--top", "3", "--activation", "softmax"],
+     "--top, --activation softmax: not used by --features"),
+    (["predict", "a.png", "--model", "m.onnx", "--save-features", "out.txt"],
+     "--save-features must name a .npy file. Received: 'out.txt'"),
+    (["predict", "a.png", "--model", "m.onnx", "--save-features", "missing/out.npy"],
+     "--save-features missing/out.npy: folder"),
+])
+def test_feature_flag_errors_are_one_line_before_any_model_loads(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing named exists there: the flags are refused first
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"keras-bit {argv[0]}: error: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
