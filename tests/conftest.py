@@ -52,6 +52,35 @@ def interrupted_run(tmp_path_factory):
     return root / "r"
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A tiny fine-tune (5 steps) run to the end once per session, exported to `exports/` beside it: `(run folder,
+    FinetuneResult)`. Copy the folder (`copy_run`) before starting it again; never change `exports/`."""
+    from helpers import run_finetune
+
+    root = tmp_path_factory.mktemp("finished")
+    result = run_finetune(root, "r", steps=5, export_dir=root / "exports")
+    keras.backend.clear_session()
+    return root / "r", result
+
+
+@pytest.fixture(scope="session")
+def classifier_exports(tmp_path_factory):
+    """`helpers.export_classifier` exported once per session in each format whose runtime is installed (class names
+    `EXPORT_CLASSES`, top 3): format -> path. Read them or copy them; never change them."""
+    import importlib.util
+
+    from helpers import EXPORT_CLASSES, EXPORT_FILES, EXPORT_RUNTIMES, export_classifier
+    from keras_bit.export import export_model
+
+    folder = tmp_path_factory.mktemp("classifier_exports")
+    model = export_classifier(folder)
+    paths = {fmt: export_model(model, folder / name, fmt, class_names=EXPORT_CLASSES, top_k=3)
+             for fmt, name in EXPORT_FILES.items() if importlib.util.find_spec(EXPORT_RUNTIMES[fmt]) is not None}
+    keras.backend.clear_session()
+    return paths
+
+
 _AGNOSTIC_MARK = "pytestmark = pytest.mark.backend_agnostic"
 
 

@@ -84,6 +84,7 @@ print(json.dumps(errors))
         assert "KERAS_BACKEND=tensorflow" in message and repr(backend) in message, message
 
 
+@pytest.mark.slow  # another process (a Python start with TensorFlow: seconds)
 def test_import_under_tensorflow_is_lazy():
     code = """
 import json, sys

@@ -5,13 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from helpers import EXPORT_CLASSES, encode, export_classifier, keras_probabilities, uint8_images
+from helpers import (EXPORT_CLASSES, EXPORT_FILES, EXPORT_RUNTIMES, encode, export_classifier, keras_probabilities,
+                     uint8_images)
 from keras_bit.export import export_model, load_exported
 from keras_bit.export.runtimes import check_images
 
-FLOAT_FORMATS = {"litert": "model.tflite", "onnx": "model.onnx", "openvino": "model.xml",
-                 "tf_saved_model": "saved_model"}
-RUNTIMES = {"litert": "ai_edge_litert", "onnx": "onnxruntime", "openvino": "openvino", "tf_saved_model": "tensorflow"}
+CLASSIFIER_OUTPUTS = ("probabilities", "top_k_indices", "top_k_scores")
+FLOAT_FORMATS, RUNTIMES = EXPORT_FILES, EXPORT_RUNTIMES
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,9 @@ def model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", list(FLOAT_FORMATS))
-def test_every_format_equals_the_keras_model(model, tmp_path, rng, fmt):
+def test_every_format_equals_the_keras_model(model, classifier_exports, rng, fmt):
     pytest.importorskip(RUNTIMES[fmt])
-    path = export_model(model, tmp_path / FLOAT_FORMATS[fmt], fmt, class_names=EXPORT_CLASSES, top_k=3)
+    path = classifier_exports[fmt]  # export_model(model, ..., fmt, class_names=EXPORT_CLASSES, top_k=3), shared
     exported = load_exported(path)
     assert exported.format == fmt and exported.class_names == EXPORT_CLASSES
     for images in (uint8_images(rng, 2, 64, 64), uint8_images(rng, 3, 91, 47), uint8_images(rng, 1, 20, 200)):
@@ -33,6 +33,26 @@ def test_every_format_equals_the_keras_model(model, tmp_path, rng, fmt):
         np.testing.assert_allclose(out["probabilities"], expected, atol=1e-4)
         np.testing.assert_array_equal(out["top_k_indices"], np.argsort(-expected, axis=1, kind="stable")[:, :3])
         np.testing.assert_allclose(out["top_k_scores"], np.sort(expected, axis=1)[:, ::-1][:, :3], atol=1e-4)
+    if fmt != "tf_saved_model":  # output order inside the file, not only in `load_exported`'s dict: the raw runtime's
+        assert _raw_output_names(fmt, path) == list(CLASSIFIER_OUTPUTS)
+
+
+def _raw_output_names(fmt, path):
+    if fmt == "onnx":
+        import onnxruntime
+
+        return [o.name for o in onnxruntime.InferenceSession(path).get_outputs()]
+    if fmt == "openvino":
+        import openvino
+
+        # An OpenVINO output has a set of names (ours and the converter's tensor names).
+        return [min(o.names & set(CLASSIFIER_OUTPUTS), default=min(o.names))
+                for o in openvino.Core().read_model(path).outputs]
+    from ai_edge_litert.interpreter import Interpreter
+
+    signature = Interpreter(model_path=path).get_signature_list()["serving_default"]
+    assert signature["inputs"] == ["images"]
+    return signature["outputs"]
 
 
 @pytest.fixture(scope="module")
@@ -165,20 +185,6 @@ def test_a_folder_that_is_not_a_saved_model_is_never_replaced(model, tmp_path):
         export_model(model, tmp_path / "project", "tf_saved_model", overwrite=True)
     assert (tmp_path / "project" / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["project"]
-
-
-def test_the_artifacts_list_probabilities_first(model, tmp_path):
-    """Output order inside each file (not only in `load_exported`'s dict): what a user of the raw runtime sees."""
-    ort = pytest.importorskip("onnxruntime")
-    ov = pytest.importorskip("openvino")
-    litert = pytest.importorskip("ai_edge_litert.interpreter")
-    onnx_path = export_model(model, tmp_path / "m.onnx", "onnx")
-    assert ort.InferenceSession(onnx_path).get_outputs()[0].name == "probabilities"
-    xml = export_model(model, tmp_path / "m.xml", "openvino")
-    assert "probabilities" in ov.Core().read_model(xml).outputs[0].names
-    tflite = export_model(model, tmp_path / "m.tflite", "litert")
-    signature = litert.Interpreter(model_path=tflite).get_signature_list()["serving_default"]
-    assert signature == {"inputs": ["images"], "outputs": ["probabilities", "top_k_indices", "top_k_scores"]}
 
 
 def test_a_failed_export_leaves_nothing(model, tmp_path, monkeypatch):

@@ -31,15 +31,12 @@ def model(tmp_path_factory):
     return export_classifier(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
-    """One real, test-run export per file format: format -> path."""
-    folder = tmp_path_factory.mktemp("exports")
-    paths = {}
-    for fmt, name in FILES.items():
+@pytest.fixture
+def exported(classifier_exports):
+    """One real, test-run export per file format (conftest's, shared by the session): format -> path."""
+    for fmt in FILES:
         pytest.importorskip(RUNTIMES[fmt])
-        paths[fmt] = export_model(model, folder / name, fmt, class_names=EXPORT_CLASSES)
-    return paths
+    return classifier_exports
 
 
 def fake_converter(monkeypatch, content=b"not a model"):
@@ -279,7 +276,7 @@ def _damage(exported, tmp_path, fmt, how):
     if fmt == "openvino":
         bin_data = pathlib.Path(os.path.splitext(source)[0] + ".bin").read_bytes()
         if how != "no .bin":
-            (tmp_path / "m.bin").write_bytes(bin_data[:1000] if how == "truncated .bin" else bin_data)
+            target.with_suffix(".bin").write_bytes(bin_data[:1000] if how == "truncated .bin" else bin_data)
     damaged = {"truncated": data[:len(data) // 2], "header only": data[:64], "empty": b"",
                "bytes flipped": bytes(b ^ 0xFF if i % 997 == 0 else b for i, b in enumerate(data))}
     target.write_bytes(damaged.get(how, data))

@@ -105,6 +105,7 @@ def test_weights_are_stored_once(model, tmp_path):
     assert 4 * model.count_params() <= size < 4 * model.count_params() * 1.05
 
 
+@pytest.mark.slow  # another process (a Python start with TensorFlow: seconds)
 def test_saved_model_cli_lists_both_signatures(model, tmp_path):
     path = export_saved_model(model, tmp_path, class_names=EXPORT_CLASSES)
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")

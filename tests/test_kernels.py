@@ -200,6 +200,7 @@ def test_kernel_built_once_into_the_cache_with_its_record(library, keras_home):
     assert cache.read_verified(cached) == data
 
 
+@pytest.mark.slow  # another process (a Python start with TensorFlow: seconds)
 def test_no_compiler_warns_once_and_falls_back(tmp_path):
     script = textwrap.dedent("""
         import numpy as np

@@ -221,6 +221,7 @@ def test_links_to_a_good_library_and_a_linked_folder_are_followed(home, tmp_path
     assert cache.read_verified(cached)
 
 
+@pytest.mark.slow  # a process that rebuilds the kernel (compiler or stand-in): seconds each
 def test_truncated_library_is_rebuilt_by_the_compiler(home, built):
     """The issue's case: it used to kill every run with SIGBUS until the user deleted the file."""
     keras_home, cached = home
@@ -240,6 +241,7 @@ REBUILT = {
 }
 
 
+@pytest.mark.slow  # a process that rebuilds the kernel (compiler or stand-in): seconds each
 @pytest.mark.parametrize("damage", sorted(REBUILT))
 def test_damaged_cache_is_rebuilt_once_without_a_warning(home, built, fake_bin, foreign, tmp_path, damage):
     keras_home, cached = home
@@ -250,6 +252,7 @@ def test_damaged_cache_is_rebuilt_once_without_a_warning(home, built, fake_bin, 
     assert {p: p.read_bytes() for p in tmp_path.glob("*.so")} == before  # a link is replaced, not written through
 
 
+@pytest.mark.slow  # a process that rebuilds the kernel (compiler or stand-in): seconds each
 def test_damaged_cache_and_failed_rebuild_fall_back_with_one_warning(home, fake_bin):
     keras_home, cached = home
     _truncate(cached)
@@ -259,6 +262,7 @@ def test_damaged_cache_and_failed_rebuild_fall_back_with_one_warning(home, fake_
         assert part in warnings[0], warnings[0]
 
 
+@pytest.mark.slow  # a process that rebuilds the kernel (compiler or stand-in): seconds each
 def test_rebuild_that_does_not_load_falls_back_with_one_warning(tmp_path, fake_bin):
     fused, warnings = _probe(tmp_path, fake_bin, "garbage")
     assert not fused and len(warnings) == 1, warnings
@@ -292,6 +296,7 @@ LOAD_AFTER_CHANGE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two processes, each importing TensorFlow and loading the kernel
 @pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the bytes checked are loaded through a memfd")
 def test_the_bytes_verified_are_the_bytes_loaded(home, tmp_path):
     keras_home, _ = home
@@ -305,6 +310,7 @@ def test_the_bytes_verified_are_the_bytes_loaded(home, tmp_path):
     assert runs["control"].returncode == -signal.SIGBUS, (runs["control"].returncode, runs["control"].stderr[-2000:])
 
 
+@pytest.mark.slow  # a process that rebuilds the kernel (compiler or stand-in): seconds each
 def test_concurrent_first_builds_both_use_the_kernel(tmp_path, built, fake_bin):
     env = {**os.environ, "KERAS_HOME": str(tmp_path), "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
            "FAKE_CXX": "copy", "FAKE_CXX_LIBRARY": built.path, "FAKE_CXX_SLEEP": "2"}

@@ -194,6 +194,7 @@ def test_builder_knows_nothing_about_weights():
     assert not {"keras_bit.models.bit", "keras_bit.presets", "keras_bit.weights"} & imported
 
 
+@pytest.mark.slow  # another process (a Python start with TensorFlow: seconds)
 def test_builder_imports_no_weights_module_in_a_fresh_process():
     code = (
         "import json, sys\n"

@@ -192,6 +192,7 @@ def test_metrics_written_are_read_back_as_written(tmp_path):
 
 # --- The lock. ---
 
+@pytest.mark.slow  # another process (a Python start with TensorFlow: seconds)
 def test_another_process_holding_the_folder_is_named_and_refused(tmp_path):
     run_dir = tmp_path / "run"
     with HeldElsewhere(run_dir) as proc:
@@ -208,6 +209,7 @@ def test_another_process_holding_the_folder_is_named_and_refused(tmp_path):
         pass
 
 
+@pytest.mark.slow  # another process (a Python start with TensorFlow: seconds)
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
     with HeldElsewhere(run_dir) as proc:

@@ -597,7 +597,9 @@ def _mutations(data, regions, rng, count):
         yield bytes(mutated)
 
 
-@pytest.mark.parametrize("fmt", ["npz", "h5", "safetensors"])
+# npz and h5 take 10-16 s each (30 mutations, each loaded under a time and memory bound): in the slow tier.
+@pytest.mark.parametrize("fmt", [pytest.param("npz", marks=pytest.mark.slow),
+                                 pytest.param("h5", marks=pytest.mark.slow), "safetensors"])
 def test_fuzz_header_mutations_give_the_same_weights_or_a_value_error(tmp_path, fmt):
     rng = np.random.default_rng({"npz": 1, "h5": 2, "safetensors": 3}[fmt])
     source = tiny_model(classes=10)
