@@ -27,7 +27,7 @@ pytestmark = pytest.mark.backend_agnostic  # .ci/backend runs these on JAX and P
 
 REPO = "someone/bit-bin"
 R50 = (3, 4, 6, 3)
-NEEDS_TORCH = "writing and reading pytorch_model.bin needs PyTorch (run in the torch venv, KERAS_BACKEND=torch)"
+NEEDS_TORCH = "writing and reading pytorch_model.bin needs PyTorch (.ci/backend torch runs these, KERAS_BACKEND=torch)"
 
 
 @pytest.fixture
