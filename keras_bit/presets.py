@@ -219,14 +219,27 @@ def list_presets(model=None):
     return [p for p in PRESETS.values() if model in (None, p.model)]
 
 
-def weights_names(model):
-    """The `weights=` names published for `model`, its default first, VTAB runs folded."""
+def weights_names(model, fold=False):
+    """The `weights=` names published for `model`, its default first, VTAB runs folded; `fold`: also one
+    "vtab/<task>" for the 19 tasks and one "expert/<subtree>" for the 48 experts (for messages)."""
     names = []
     for p in list_presets(model):
         name = p.weights.rsplit("/run", 1)[0] if p.weights.startswith("vtab/") else p.weights
+        if fold and name.startswith(("vtab/", "expert/")):
+            name = "vtab/<task>" if name.startswith("vtab/") else "expert/<subtree>"
         if name not in names:
             names.append(name)
     return names
+
+
+def weights_names_text(model):
+    """The `weights=` names of `model` for an error message: None, the names, and the folded VTAB / expert ones
+    with where their parts are listed."""
+    names = [repr(n) for n in (None, *weights_names(model, fold=True))]
+    patterns = {"'vtab/<task>'": f"'vtab/<task>' (a task of presets.VTAB_TASKS, e.g. 'vtab/{VTAB_TASKS[0]}')",
+                "'expert/<subtree>'": "'expert/<subtree>' (a subtree of presets.EXPERT_SUBTREES, e.g. "
+                                      f"'expert/{EXPERT_SUBTREES[0]}')"}
+    return ", ".join(patterns.get(n, n) for n in names)
 
 
 def find(model, weights):

@@ -223,7 +223,7 @@ def test_weights_path_errors(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"must be the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers "
-        r".safetensors file. Received: weights=.*weights.txt",
+        r".safetensors file \(or a TF Hub / Kaggle SavedModel folder\). Received: weights=.*weights.txt",
     ):
         tiny_model(weights=str(tmp_path / "weights.txt"))
     with pytest.raises(ValueError, match=r"`weights` file not found. Received: weights=.*nope.npz"):
@@ -299,7 +299,8 @@ def test_vtab_weights_download_and_head_size_from_file(tmp_path, monkeypatch):
 
 
 def test_unknown_weights_message_mentions_vtab():
-    with pytest.raises(ValueError, match=r"'imagenet-distilled-224', 'imagenet-distilled-160', 'vtab/caltech101'"):
+    with pytest.raises(ValueError, match=r"'imagenet-distilled-224', 'imagenet-distilled-160', 'vtab/<task>' \(a task "
+                                         r"of presets.VTAB_TASKS, e.g. 'vtab/caltech101'\), 'expert/<subtree>'"):
         keras_bit.BiTM_R50x1(weights="imagenet-1k")
 
 

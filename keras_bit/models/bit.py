@@ -373,7 +373,8 @@ def _named_constructor(model_name):
         upstream="ImageNet-21k" if family == "BiT-M" else "ILSVRC-2012",
         depth=arch_name[1:].split("x")[0],
         width=arch.width_factor,
-        weights_names=", ".join(f'"{w}"' for w in presets.weights_names(model_name) if not w.startswith("vtab/")),
+        weights_names=", ".join(f'"{w}"' for w in presets.weights_names(model_name, fold=True)
+                               if not w.startswith("vtab/")),
         default=default,
         default_activation=presets.PRESETS[(model_name, default)].head_activation,
         default_meaning=("one binary classifier per label, ImageNet-21k being multi-label"

@@ -21,7 +21,8 @@ CACHE_SUBDIR = "bit_models"
 HUB_SCHEME = hub_files.SCHEME
 FORMATS = {"npz": npz, "keras": keras_h5, "keras_archive": keras_archive, "timm": timm, "transformers": hf,
            tfhub.FORMAT: tfhub}
-FILE_HELP = "the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers .safetensors file"
+FILE_HELP = ("the path to an official-layout .npz, a Keras .weights.h5 or a timm / transformers .safetensors file "
+             "(or a TF Hub / Kaggle SavedModel folder)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +93,9 @@ def check_file(weights, known_names=None):
         names_a_file = path.endswith(suffixes) or (os.sep in path and not path.startswith("vtab/"))
         if names_a_file or known_names is None:
             raise ValueError(f"`weights` file not found. Received: weights={path!r}")
-        raise ValueError(f"Unknown `weights` name. Expected one of {known_names}, an 'hf://<owner>/<repo>' "
-                         f"handle, or {FILE_HELP}. Received: weights={path!r}")
+        raise ValueError(f"Unknown `weights` name. Expected one of {known_names}, an 'hf://<owner>/<repo>' or "
+                         f"'kaggle://<owner>/<model>/<framework>/<variation>' handle, or {FILE_HELP}. "
+                         f"Received: weights={path!r}")
     if not path.endswith(suffixes):
         raise ValueError(f"`weights` must be {FILE_HELP}. Received: weights={path!r}")
     return io.check_regular_file(path, "`weights` file")
@@ -129,9 +131,10 @@ def resolve_source(weights, model_name=None):
     if tfhub.is_saved_model(weights):  # a TF Hub / Kaggle SavedModel folder
         path = os.fsdecode(os.fspath(weights))
         return Source(weights, path=path, format=tfhub.FORMAT, classes=tfhub.head_classes(path))
-    known = ", ".join(repr(n) for n in (None, *presets.weights_names(model_name))) if model_name else "None"
+    known = presets.weights_names_text(model_name) if model_name else "None"
     if not isinstance(weights, (str, bytes)) and not hasattr(weights, "__fspath__"):
-        raise ValueError(f"`weights` must be one of {known}, an 'hf://<owner>/<repo>' handle, or {FILE_HELP}. "
+        raise ValueError(f"`weights` must be one of {known}, an 'hf://<owner>/<repo>' or 'kaggle://...' handle, or "
+                         f"{FILE_HELP}. "
                          f"Received: weights={weights!r}")
     path = check_file(weights, known)
     fmt = weights_format(path)
