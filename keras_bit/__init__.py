@@ -53,6 +53,8 @@ _TENSORFLOW_EXPORTS = {
     "finetune": "keras_bit.train.finetune",
     "FinetuneResult": "keras_bit.train.finetune",
     "FinetuneConfig": "keras_bit.train.config",
+    "fewshot": "keras_bit.train.fewshot",
+    "fewshot_report": "keras_bit.train.fewshot",
     "RunMismatchError": "keras_bit.train.resume",
     "MultiWorkerStrategy": "keras_bit.train.distribute",
     "tpu_strategy": "keras_bit.train.distribute",

@@ -1,7 +1,8 @@
-"""The `keras-bit` command: `finetune`, `report`, `export`, `predict`, `demo`, `convert` and `push`.
+"""The `keras-bit` command: `finetune`, `fewshot`, `report`, `export`, `predict`, `demo`, `convert` and `push`.
 
 Examples:
     keras-bit finetune --data cifar10 --weights imagenet21k --batch-size 128
+    keras-bit fewshot --data cifar10 --weights imagenet21k --shots 1 5 10 25 --draws 3
     keras-bit report bit_finetune                    # redraw bit_finetune/summary.png
     keras-bit export bit_finetune/model.keras --class-names bit_finetune/class_names.txt
     keras-bit export bit_finetune/model.keras --format onnx --output bit.onnx
@@ -13,6 +14,7 @@ Examples:
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -132,6 +134,9 @@ def build_parser():
     from keras_bit.publish.command import add_parser as add_push_parser
 
     add_push_parser(sub)
+    from keras_bit.train.fewshot import add_parser as add_fewshot_parser
+
+    add_fewshot_parser(sub)
     return parser
 
 
@@ -368,6 +373,7 @@ _COMMANDS = {
     "predict": _predict,
     "convert": _convert,
     "push": _push,
+    "fewshot": lambda args: importlib.import_module("keras_bit.train.fewshot").run_command(args),
 }
 
 
